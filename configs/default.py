@@ -1,0 +1,86 @@
+"""Default configuration: every field, each commented. Other configs start from this one.
+
+  python -m diffusion_lm.train --config=configs/default.py --workdir=runs/default
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # seeds init, data order, masking and periodic samples
+
+  config.data = data = ml_collections.ConfigDict()
+  data.source = "bundled"  # bundled (Shakespeare shipped in the package) | local (data.path) | tfds
+  data.path = ""  # for source=local: a text file or a folder of .txt/.txt.gz/.txt.xz/.txt.bz2 files
+  data.tfds_name = ""  # for source=tfds: a tfds dataset name, e.g. "lm1b"
+  data.text_key = "text"  # for source=tfds: the feature holding the text
+  data.train_split = "train"  # split to train on (and to train the tokenizer on)
+  data.eval_split = "validation"  # split for the validation ELBO
+  data.validation_percent = 5.0  # local text: share of passages held out for validation
+  data.passage_chars = 4096  # local text: passages of about this many characters are the split unit
+  data.seq_len = 128  # tokens per training sequence
+  data.cache_dir = ""  # prepared data and token caches; default WORKDIR/data
+
+  config.tokenizer = tok = ml_collections.ConfigDict()
+  tok.kind = "sentencepiece"  # char | sentencepiece (trained on the train split on first use)
+  tok.vocab_size = 2048  # sentencepiece only: pieces in the vocabulary ([MASK] comes on top)
+  tok.model_type = "unigram"  # sentencepiece only: unigram | bpe
+  tok.max_sentences = 300_000  # sentencepiece only: lines sampled for training it
+
+  config.model = model = ml_collections.ConfigDict()
+  model.num_layers = 6  # Transformer blocks
+  model.d_model = 384  # residual width
+  model.num_heads = 6  # attention heads (d_model / num_heads must be even)
+  model.mlp_dim = 1536  # SwiGLU hidden width
+  model.max_len = 128  # longest sequence the model accepts
+  model.time_conditioning = False  # adaLN on t; masked diffusion works without it (MD4, MDLM)
+  model.dtype = "float32"  # compute dtype: float32 on CPU, bfloat16 on TPU; params stay float32
+  model.remat = False  # rematerialise each block in the backward pass (saves memory)
+
+  config.diffusion = diff = ml_collections.ConfigDict()
+  diff.name = "linear"  # masking schedule: linear | cosine | polynomial | geometric | mlm
+  diff.power = 1.0  # polynomial schedule exponent
+  diff.sigma_min = 1e-4  # geometric schedule rate at t=0
+  diff.sigma_max = 20.0  # geometric schedule rate at t=1
+  diff.mask_rate = 0.15  # mlm only: the fixed mask rate (BERT)
+
+  config.optimizer = opt = ml_collections.ConfigDict()
+  opt.learning_rate = 1e-3  # peak learning rate (AdamW)
+  opt.warmup_steps = 200  # linear warmup from 0
+  opt.decay = "cosine"  # after warmup: cosine | linear | constant
+  opt.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
+  opt.b1 = 0.9  # Adam beta1
+  opt.b2 = 0.98  # Adam beta2
+  opt.weight_decay = 0.03  # decoupled weight decay on matrices
+  opt.grad_clip = 1.0  # global gradient-norm clip
+  opt.ema_decay = 0.999  # EMA of parameters, used for evaluation and sampling
+
+  config.training = tr = ml_collections.ConfigDict()
+  tr.batch_size = 64  # global batch in sequences (divisible by the mesh's data x fsdp size)
+  tr.num_steps = 20_000  # total optimizer steps
+  tr.log_every = 50  # steps between metric writes
+  tr.eval_every = 1000  # steps between validation ELBOs (0: only at the end)
+  tr.sample_every = 1000  # steps between printed samples (and at the end; 0: never)
+  tr.checkpoint_every = 500  # steps between checkpoints (and always at the end / on SIGTERM)
+  tr.keep_checkpoints = 3  # newest checkpoints kept
+
+  config.evaluation = ev = ml_collections.ConfigDict()
+  ev.batch_size = 64  # sequences per evaluation batch
+  ev.max_batches = 0  # cap on validation batches (0: the whole split)
+  ev.num_t_samples = 4  # stratified time draws per sequence for the ELBO
+  ev.seed = 0  # fixed: evaluation numbers are reproducible
+
+  config.sampling = smp = ml_collections.ConfigDict()
+  smp.steps = 128  # denoising steps T
+  smp.num_samples = 4  # samples printed during training
+  smp.temperature = 1.0  # softmax temperature (0 = argmax)
+  smp.prompt = ""  # prefix held fixed in training-time samples
+  smp.seed = 0  # seed of training-time samples (the same every time, to watch progress)
+
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # data-parallel axis (-1: all devices not used by the others)
+  mesh.fsdp = 1  # parameter/optimizer sharding axis
+  mesh.tensor = 1  # tensor-parallel axis
+  return config

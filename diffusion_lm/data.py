@@ -1,0 +1,345 @@
+"""Input pipeline: text -> tfds ArrayRecord -> tokens -> packed int32 windows -> per-process batches.
+
+* Local text (the bundled corpus or a user's folder of .txt/.txt.gz/.txt.xz/.txt.bz2 files) goes
+  through the `LocalText` tfds builder, prepared as ArrayRecord without TensorFlow; a named tfds
+  dataset (`data.source="tfds"`) goes through `tfds.builder(...)` with the same file format. Both are
+  read back with `as_data_source` (random access, no TensorFlow).
+* Each split is tokenized once into a flat token stream (end-of-document ids between documents) and
+  cached as .npy next to the prepared data; windows of `seq_len` tokens are the training examples.
+* Batches come from a grain `MapDataset` (seeded shuffle, reshuffled each epoch, repeated): the
+  global batch is the same whatever the process count, and each process reads only its rows. The
+  iterator state (grain's `get_state()`) is saved in every checkpoint, so a resume continues the
+  exact data order.
+"""
+
+import bz2
+import dataclasses
+import difflib
+import glob
+import gzip
+import hashlib
+import json
+import logging
+import lzma
+import os
+import time
+import zlib
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from diffusion_lm import corpora
+from diffusion_lm.errors import UserError
+from diffusion_lm.tokenizers import atomic_write_bytes
+
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.xz", ".txt.bz2")
+SOURCES = ("bundled", "local", "tfds")
+
+
+# ----------------------------------------------------------------------------- reading local text
+
+
+def list_text_files(path: str) -> list[str]:
+  """The text files at `path` (one file, or a folder searched recursively), sorted."""
+  if not path:
+    raise UserError("data.path is empty; allowed: a text file or a folder of .txt files")
+  if not os.path.exists(path):
+    raise UserError(f"corpus path {path!r} does not exist; allowed: a text file or a folder of "
+                    f"{', '.join(TEXT_SUFFIXES)} files")
+  if os.path.isfile(path):
+    return [path]
+  files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                 if f.endswith(TEXT_SUFFIXES) and os.path.isfile(f))
+  if not files:
+    raise UserError(f"corpus folder {path!r} holds no text files; allowed: {', '.join(TEXT_SUFFIXES)}")
+  return files
+
+
+def read_text_file(path: str) -> str:
+  """Reads a (possibly compressed) UTF-8 text file; newlines normalised to \\n."""
+  opener = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)
+  with opener(path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise UserError(f"corpus file {path!r} is not UTF-8 text (byte {data[e.start]:#04x} at offset "
+                    f"{e.start}); allowed: UTF-8 encoded text") from None
+  if "\x00" in text:
+    raise UserError(f"corpus file {path!r} holds NUL bytes (binary data?); allowed: UTF-8 text")
+  return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def split_passages(text: str, passage_chars: int) -> list[str]:
+  """Cuts text into consecutive passages of about `passage_chars`, at line ends where possible.
+
+  Concatenating the passages gives back the text exactly.
+  """
+  passages, start = [], 0
+  while start < len(text):
+    end = min(start + passage_chars, len(text))
+    if end < len(text):
+      newline = text.rfind("\n", start + passage_chars // 2, end)
+      if newline != -1:
+        end = newline + 1
+    passages.append(text[start:end])
+    start = end
+  return passages
+
+
+def passage_split(doc: str, part: int, validation_percent: float) -> str:
+  """Deterministic train/validation assignment of a passage, by a hash of its name."""
+  bucket = zlib.crc32(f"{doc}:{part}".encode()) % 10_000
+  return "validation" if bucket < validation_percent * 100 else "train"
+
+
+# ----------------------------------------------------------------------------- tfds builder
+
+_TFDS = None
+
+
+def _tfds():
+  """Imports tensorflow_datasets lazily (slow import) with its progress bars off."""
+  global _TFDS
+  if _TFDS is None:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds.disable_progress_bar()
+    _TFDS = tfds
+  return _TFDS
+
+
+def _local_text_builder_cls():
+  tfds = _tfds()
+  if hasattr(_local_text_builder_cls, "cls"):
+    return _local_text_builder_cls.cls
+
+  class LocalTextConfig(tfds.core.BuilderConfig):
+    """One prepared copy per (files, split settings); the name is a hash of them."""
+
+    def __init__(self, *, files, validation_percent, passage_chars, **kwargs):
+      super().__init__(**kwargs)
+      self.files = files
+      self.validation_percent = validation_percent
+      self.passage_chars = passage_chars
+
+  class LocalText(tfds.core.GeneratorBasedBuilder):
+    """Text files on disk as a tfds dataset: examples are passages {text, doc, part}."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self,
+          description="Local text files cut into passages, split train/validation by passage hash.",
+          features=tfds.features.FeaturesDict({
+              "text": tfds.features.Text(),
+              "doc": tfds.features.Text(),
+              "part": np.int64,
+          }))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {split: self._generate_examples(split) for split in ("train", "validation")}
+
+    def _generate_examples(self, split):
+      cfg = self.builder_config
+      root = os.path.commonpath(cfg.files) if len(cfg.files) > 1 else os.path.dirname(cfg.files[0])
+      for path in cfg.files:
+        doc = os.path.relpath(path, root)
+        for part, passage in enumerate(split_passages(read_text_file(path), cfg.passage_chars)):
+          if passage_split(doc, part, cfg.validation_percent) == split:
+            yield f"{doc}:{part}", {"text": passage, "doc": doc, "part": part}
+
+  _local_text_builder_cls.cls = (LocalText, LocalTextConfig)
+  return _local_text_builder_cls.cls
+
+
+@dataclasses.dataclass
+class TextSplit:
+  """A split's texts in document order; `doc_ends[i]` says whether text i ends a document."""
+
+  name: str
+  fingerprint: str
+  source: object  # random-access data source
+  order: np.ndarray
+  doc_ends: np.ndarray
+  text_key: str
+
+  def __len__(self):
+    return len(self.order)
+
+  def texts(self) -> Iterator[str]:
+    for i in self.order:
+      value = self.source[int(i)][self.text_key]
+      yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _local_path(data_config) -> str:
+  return corpora.SHAKESPEARE_DIR if data_config.source == "bundled" else data_config.path
+
+
+def _check_data_config(data_config):
+  if data_config.source not in SOURCES:
+    raise UserError(f"data.source={data_config.source!r}; allowed: {', '.join(SOURCES)}")
+  if not 0 < data_config.validation_percent < 100:
+    raise UserError(f"data.validation_percent={data_config.validation_percent}; allowed: 0 < value < 100")
+  if data_config.passage_chars < 64:
+    raise UserError(f"data.passage_chars={data_config.passage_chars}; allowed: an integer >= 64")
+
+
+def load_text_split(data_config, split: str, data_dir: str) -> TextSplit:
+  """Prepares (once) and opens one split of the configured text source."""
+  _check_data_config(data_config)
+  tfds = _tfds()
+  if data_config.source in ("bundled", "local"):
+    files = list_text_files(_local_path(data_config))
+    LocalText, LocalTextConfig = _local_text_builder_cls()
+    stamp = json.dumps([[os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
+                       + [data_config.validation_percent, data_config.passage_chars])
+    fingerprint = hashlib.sha256(stamp.encode()).hexdigest()[:12]
+    if split not in ("train", "validation"):
+      raise UserError(f"split {split!r} of local text; allowed: train, validation")
+    builder = LocalText(
+        config=LocalTextConfig(name=f"c{fingerprint}", files=files,
+                               validation_percent=data_config.validation_percent,
+                               passage_chars=data_config.passage_chars),
+        data_dir=data_dir, file_format="array_record")
+    _prepare(builder, data_dir)
+    num_examples = builder.info.splits[split].num_examples
+    if num_examples == 0:
+      raise UserError(f"corpus {_local_path(data_config)!r} gives an empty {split} split "
+                      "(empty files, or too little text for data.validation_percent)")
+    source = builder.as_data_source(split=split)
+    docs = [source[i]["doc"] for i in range(len(source))]
+    parts = [int(source[i]["part"]) for i in range(len(source))]
+    order = np.array(sorted(range(len(source)), key=lambda i: (docs[i], parts[i])), dtype=np.int64)
+    doc_ends = np.ones(len(order), dtype=bool)
+    for j in range(len(order) - 1):
+      a, b = order[j], order[j + 1]
+      doc_ends[j] = not (docs[a] == docs[b] and parts[b] == parts[a] + 1)
+    return TextSplit(split, fingerprint, source, order, doc_ends, "text")
+
+  name = data_config.tfds_name
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+  except tfds.core.registered.DatasetNotFoundError:
+    close = difflib.get_close_matches(name.split("/")[0], tfds.list_builders(), n=3)
+    raise UserError(f"unknown tfds dataset {name!r}"
+                    + (f"; close matches: {', '.join(close)}" if close else "")) from None
+  _prepare(builder, data_dir or tfds.core.constants.DATA_DIR)
+  if split not in builder.info.splits:
+    raise UserError(f"tfds dataset {name!r} has no split {split!r}; allowed: "
+                    f"{', '.join(builder.info.splits)}")
+  source = builder.as_data_source(split=split)
+  n = len(source)
+  fingerprint = hashlib.sha256(f"{builder.info.full_name}:{split}".encode()).hexdigest()[:12]
+  return TextSplit(split, fingerprint, source, np.arange(n), np.ones(n, dtype=bool),
+                   data_config.text_key)
+
+
+def _prepare(builder, data_dir: str):
+  """download_and_prepare, done by one process at a time (a lock file in the data root)."""
+  os.makedirs(data_dir, exist_ok=True)
+  lock = os.path.join(data_dir, ".prepare.lock")
+  import fcntl  # pylint: disable=g-import-not-at-top
+  with open(lock, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    builder.download_and_prepare(file_format="array_record")
+
+
+# ----------------------------------------------------------------------------- tokenization cache
+
+
+@dataclasses.dataclass
+class TokenizedSplit:
+  tokens: np.ndarray  # int32 (memory-mapped), documents separated by eos_id
+  num_chars: int  # characters of text these tokens encode (each end-of-document counted as one)
+
+  @property
+  def chars_per_token(self) -> float:
+    return self.num_chars / max(1, len(self.tokens))
+
+
+def tokenize_split(text_split: TextSplit, tokenizer, cache_dir: str) -> TokenizedSplit:
+  """Token stream of a split, cached as .npy keyed by the split and tokenizer fingerprints."""
+  stem = os.path.join(cache_dir, f"{text_split.name}-{text_split.fingerprint}-{tokenizer.fingerprint()}")
+  if not os.path.exists(stem + ".json"):
+    import fcntl  # pylint: disable=g-import-not-at-top
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(stem + ".lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not os.path.exists(stem + ".json"):
+        start = time.time()
+        chunks, num_chars = [], 0
+        for text, ends in zip(text_split.texts(), text_split.doc_ends):
+          ids = tokenizer.encode(text)
+          if ends:
+            ids.append(tokenizer.eos_id)
+          chunks.append(np.asarray(ids, dtype=np.int32))
+          num_chars += len(text) + int(ends)
+        tokens = np.concatenate(chunks) if chunks else np.zeros((0,), np.int32)
+        with open(stem + ".npy.tmp", "wb") as f:
+          np.save(f, tokens)
+        os.replace(stem + ".npy.tmp", stem + ".npy")
+        atomic_write_bytes(stem + ".json", json.dumps(
+            {"num_tokens": int(len(tokens)), "num_chars": num_chars}).encode())
+        logging.info("tokenized %s: %d chars -> %d tokens in %.1fs", text_split.name, num_chars,
+                     len(tokens), time.time() - start)
+  with open(stem + ".json") as f:
+    meta = json.load(f)
+  return TokenizedSplit(np.load(stem + ".npy", mmap_mode="r"), meta["num_chars"])
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+class Windows:
+  """Non-overlapping windows of `seq_len` tokens over a token stream (the tail is dropped)."""
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, split_name: str = "train"):
+    if len(tokens) < seq_len:
+      raise UserError(f"the {split_name} split has {len(tokens)} tokens, fewer than one sequence of "
+                      f"data.seq_len={seq_len}; allowed: a smaller seq_len or more text")
+    self.tokens = tokens
+    self.seq_len = seq_len
+
+  def __len__(self):
+    return len(self.tokens) // self.seq_len
+
+  def rows(self, indices) -> np.ndarray:
+    starts = np.asarray(indices, dtype=np.int64) * self.seq_len
+    return np.stack([np.asarray(self.tokens[s:s + self.seq_len], dtype=np.int32) for s in starts])
+
+
+def train_dataset(windows: Windows, global_batch: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+  """Step-indexed dataset: item s is this process's rows of global batch s (int32[B/P, L])."""
+  if global_batch % process_count:
+    raise UserError(f"batch_size={global_batch} is not divisible by the process count {process_count}")
+  per_process = global_batch // process_count
+  lo = process_index * per_process
+  ds = grain.MapDataset.range(len(windows)).shuffle(seed=seed).repeat(None).batch(global_batch)
+  return ds.map(lambda idx: windows.rows(idx[lo:lo + per_process]))
+
+
+def make_train_iterator(windows: Windows, global_batch: int, seed: int, process_index: int = 0,
+                        process_count: int = 1):
+  """A checkpointable grain iterator (get_state/set_state) with background prefetch."""
+  ds = train_dataset(windows, global_batch, seed, process_index, process_count)
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+
+
+def eval_batches(windows: Windows, batch_size: int, max_batches: int = 0):
+  """Yields (tokens int32[B, L], valid bool[B]) over the windows in order; the last batch is padded."""
+  n = len(windows)
+  if max_batches > 0:
+    n = min(n, max_batches * batch_size)
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    rows = windows.rows(idx)
+    valid = np.ones(batch_size, dtype=bool)
+    if len(idx) < batch_size:
+      valid[len(idx):] = False
+      rows = np.concatenate([rows, np.repeat(rows[:1], batch_size - len(idx), axis=0)])
+    yield rows, valid

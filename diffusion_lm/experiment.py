@@ -1,0 +1,324 @@
+"""Builds what train, sample and evaluate share: tokenizer, data, model, optimizer, sharded state.
+
+Everything is derived from one ml_collections config plus the workdir; the pure step functions
+(`train_step`, `eval_step`) live here at module level and are bound with functools.partial.
+"""
+
+import dataclasses
+import fcntl
+import functools
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from diffusion_lm import checkpointing, data, diffusion, sharding, tokenizers
+from diffusion_lm.errors import UserError
+from diffusion_lm.model import ModelConfig, Transformer
+from diffusion_lm.schedules import Schedule
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def check_config(config) -> None:
+  """Validates the fields that are easy to get wrong, each with a one-line error."""
+  t = config.training
+  for name in ("batch_size", "num_steps", "log_every", "eval_every", "sample_every", "checkpoint_every",
+               "keep_checkpoints"):
+    value = t[name]
+    if not isinstance(value, int) or value < (0 if name in ("eval_every", "sample_every") else 1):
+      raise UserError(f"training.{name}={value!r}; allowed: an integer >= "
+                      f"{0 if name in ('eval_every', 'sample_every') else 1}")
+  seq_len = config.data.seq_len
+  if not isinstance(seq_len, int) or seq_len < 1:
+    raise UserError(f"data.seq_len={seq_len!r}; allowed: an integer >= 1")
+  if seq_len > config.model.max_len:
+    raise UserError(f"data.seq_len={seq_len} exceeds model.max_len={config.model.max_len}; allowed: "
+                    f"seq_len <= {config.model.max_len}")
+  o = config.optimizer
+  if not o.learning_rate > 0:
+    raise UserError(f"optimizer.learning_rate={o.learning_rate}; allowed: a number > 0")
+  if not 0 <= o.ema_decay < 1:
+    raise UserError(f"optimizer.ema_decay={o.ema_decay}; allowed: 0 <= value < 1")
+  if o.decay not in ("cosine", "linear", "constant"):
+    raise UserError(f"optimizer.decay={o.decay!r}; allowed: cosine, linear, constant")
+
+
+def schedule_from_config(config) -> Schedule:
+  return Schedule(**config.diffusion)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_dir(workdir: str) -> str:
+  return os.path.abspath(workdir)
+
+
+def data_dir(config, workdir: str) -> str:
+  return config.data.cache_dir or os.path.join(os.path.abspath(workdir), "data")
+
+
+def load_or_train_tokenizer(config, workdir: str):
+  """The workdir's tokenizer, or one trained on the train split (once, under a file lock)."""
+  existing = tokenizers.load_tokenizer(tokenizer_dir(workdir))
+  if existing is None:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, ".tokenizer.lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      existing = tokenizers.load_tokenizer(tokenizer_dir(workdir))
+      if existing is None:
+        split = data.load_text_split(config.data, config.data.train_split, data_dir(config, workdir))
+        logging.info("training a %s tokenizer on %d train passages", config.tokenizer.kind, len(split))
+        tokenizer = tokenizers.train_tokenizer(config.tokenizer, split.texts())
+        tokenizers.save_tokenizer(tokenizer, tokenizer_dir(workdir))
+        return tokenizer
+  if not tokenizers.tokenizer_matches(existing, config.tokenizer):
+    raise UserError(
+        f"workdir {workdir!r} holds a {existing.kind} tokenizer with {existing.vocab_size} tokens, but the "
+        f"config asks for tokenizer.kind={config.tokenizer.kind!r}"
+        + (f" with vocab_size={config.tokenizer.vocab_size}" if config.tokenizer.kind == "sentencepiece" else "")
+        + "; use a new --workdir or the workdir's own tokenizer settings")
+  return existing
+
+
+def load_windows(config, workdir: str, tokenizer, split: str):
+  """(Windows, TokenizedSplit) of a split, tokenized once and cached."""
+  text_split = data.load_text_split(config.data, split, data_dir(config, workdir))
+  tokenized = data.tokenize_split(text_split, tokenizer, os.path.join(data_dir(config, workdir), "tokens"))
+  return data.Windows(tokenized.tokens, config.data.seq_len, split), tokenized
+
+
+# ----------------------------------------------------------------------------- model and state
+
+
+def model_config(config, vocab_size: int) -> ModelConfig:
+  return ModelConfig(vocab_size=vocab_size, **config.model)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  o, num_steps = config.optimizer, config.training.num_steps
+  warmup = min(o.warmup_steps, num_steps)
+  decay_steps = max(1, num_steps - warmup)
+  end = o.learning_rate * o.min_lr_ratio
+  if o.decay == "cosine":
+    decay = optax.cosine_decay_schedule(o.learning_rate, decay_steps, alpha=o.min_lr_ratio)
+  elif o.decay == "linear":
+    decay = optax.linear_schedule(o.learning_rate, end, decay_steps)
+  else:
+    decay = optax.constant_schedule(o.learning_rate)
+  lr = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warmup), decay], [warmup])
+  # No weight decay on norms' scales and biases (rank-1 params).
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(
+      optax.clip_by_global_norm(o.grad_clip),
+      optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask),
+  ), lr
+
+
+def _boxed_state(model, tx, key, seq_len):
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  params = model.init(key, tokens, jnp.zeros((1,), jnp.float32))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params))
+
+
+def state_shardings(model, tx, mesh, seq_len):
+  """(abstract unboxed state with shardings, NamedSharding tree) for the train state."""
+  abstract_boxed = jax.eval_shape(functools.partial(_boxed_state, model, tx, seq_len=seq_len),
+                                  jax.random.key(0))
+  shardings = sharding.logical_shardings(abstract_boxed, mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.unbox(abstract_boxed), shardings)
+  return abstract, shardings
+
+
+def init_state(model, tx, mesh, key, seq_len, shardings):
+  init = jax.jit(lambda k: nn.unbox(_boxed_state(model, tx, k, seq_len)), out_shardings=shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    return init(key)
+
+
+def param_count(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_id, ema_decay):
+  """One optimizer step on the diffusion loss; a non-finite loss or gradient leaves state unchanged."""
+  step_key = jax.random.fold_in(key, state.step)
+  seq_len = tokens_BxL.shape[1]
+
+  def loss_fn(params):
+    denoiser = lambda x, t: model.apply({"params": params}, x, t)
+    out = diffusion.diffusion_loss(denoiser, tokens_BxL, step_key, schedule, mask_id)
+    return jnp.mean(out["nelbo"]) / seq_len, out
+
+  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  metrics = {
+      "loss": loss,  # nats per token (negative ELBO estimate)
+      "bits_per_token": diffusion.nats_to_bits(loss),
+      "grad_norm": grad_norm,
+      "param_norm": optax.global_norm(state.params),
+      "mask_rate": jnp.mean(out["num_masked"]) / seq_len,
+      "finite": finite.astype(jnp.float32),
+  }
+  return new_state, metrics
+
+
+def eval_step(params, tokens_BxL, valid_B, key, *, model, schedule, mask_id, num_t_samples):
+  """Summed negative ELBO (nats) of the valid rows and their token count.
+
+  Times are stratified: the k-th of n draws for a row is t = (k + u) / n with one uniform u per row,
+  an unbiased low-variance estimate of the integral over t.
+  """
+  batch_size, seq_len = tokens_BxL.shape
+  schedule = schedule.bound_schedule
+  denoiser = lambda x, t: model.apply({"params": params}, x, t)
+  time_key, mask_key = jax.random.split(key)
+  u_B = jax.random.uniform(time_key, (batch_size,))
+
+  def body(k, total_B):
+    grid_B = (k + u_B) / num_t_samples
+    t_B = diffusion.T_MIN + (1.0 - diffusion.T_MIN) * grid_B
+    out = diffusion.diffusion_loss(denoiser, tokens_BxL, jax.random.fold_in(mask_key, k), schedule, mask_id,
+                                   t_B=t_B)
+    return total_B + out["nelbo"]
+
+  nelbo_B = jax.lax.fori_loop(0, num_t_samples, body, jnp.zeros((batch_size,), jnp.float32)) / num_t_samples
+  valid = valid_B.astype(jnp.float32)
+  return jnp.sum(nelbo_B * valid), jnp.sum(valid) * seq_len
+
+
+class Evaluator:
+  """ELBO on a split: nats and bits per token, perplexity bound, bits per character."""
+
+  def __init__(self, model, schedule, mask_id, mesh, param_shardings, eval_config):
+    if eval_config.batch_size % sharding.data_parallel_size(mesh):
+      raise UserError(f"evaluation.batch_size={eval_config.batch_size} is not divisible by the data-parallel"
+                      f" size {sharding.data_parallel_size(mesh)}")
+    if eval_config.num_t_samples < 1:
+      raise UserError(f"evaluation.num_t_samples={eval_config.num_t_samples}; allowed: an integer >= 1")
+    self.mesh, self.config = mesh, eval_config
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self._step = jax.jit(
+        functools.partial(eval_step, model=model, schedule=schedule, mask_id=mask_id,
+                          num_t_samples=eval_config.num_t_samples),
+        in_shardings=(param_shardings, sharding.batch_sharding(mesh), sharding.batch_sharding(mesh), replicated),
+        out_shardings=(replicated, replicated))
+
+  def __call__(self, params, windows, chars_per_token: float, max_batches: int | None = None) -> dict:
+    cfg = self.config
+    key = jax.random.key(cfg.seed)
+    total_nats, total_tokens = 0.0, 0.0
+    max_batches = cfg.max_batches if max_batches is None else max_batches
+    per_process = cfg.batch_size // jax.process_count()
+    lo = jax.process_index() * per_process
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      for i, (rows, valid) in enumerate(data.eval_batches(windows, cfg.batch_size, max_batches)):
+        tokens = sharding.global_batch_from_local(rows[lo:lo + per_process], self.mesh)
+        valid = sharding.global_batch_from_local(valid[lo:lo + per_process], self.mesh)
+        nats, count = self._step(params, tokens, valid, jax.random.fold_in(key, i))
+        total_nats += float(nats)
+        total_tokens += float(count)
+    nll = total_nats / total_tokens
+    bits = nll / math.log(2.0)
+    return {
+        "nll_per_token": nll,
+        "bits_per_token": bits,
+        "perplexity": math.exp(nll),
+        "bits_per_char": bits / chars_per_token,
+        "num_tokens": int(total_tokens),
+    }
+
+
+def config_to_dict(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def config_from_dict(payload: dict):
+  return ml_collections.ConfigDict(payload)
+
+
+def describe_mismatch(saved: dict, config, vocab_size: int) -> str | None:
+  """Names the first model/vocabulary difference between a saved config and the current one."""
+  current = config_to_dict(config)
+  for key in sorted(set(saved.get("model", {})) | set(current["model"])):
+    a, b = saved.get("model", {}).get(key), current["model"].get(key)
+    if a != b:
+      return f"model.{key}={a!r} in the checkpoint, {b!r} requested"
+  for key in sorted(set(saved.get("tokenizer", {})) | set(current["tokenizer"])):
+    a, b = saved.get("tokenizer", {}).get(key), current["tokenizer"].get(key)
+    if a != b:
+      return f"tokenizer.{key}={a!r} in the checkpoint, {b!r} requested"
+  if saved.get("vocab_size") not in (None, vocab_size):
+    return f"vocabulary of {saved['vocab_size']} tokens in the checkpoint, {vocab_size} in the workdir's tokenizer"
+  return None
+
+
+@dataclasses.dataclass
+class Trained:
+  """A trained workdir opened for sampling or evaluation."""
+
+  config: Any
+  tokenizer: Any
+  model: Transformer
+  schedule: Schedule
+  mesh: Any
+  params: Any
+  param_shardings: Any
+  step: int
+
+
+def load_trained(workdir: str, use_ema: bool = True, mesh_config=None) -> Trained:
+  """Loads config, tokenizer and (EMA) params of the latest checkpoint in `workdir`."""
+  step, saved = checkpointing.read_saved_config(workdir)
+  if step is None:
+    raise UserError(f"workdir {workdir!r} holds no checkpoint; train first with "
+                    f"python -m diffusion_lm.train --config=... --workdir={workdir}")
+  config = config_from_dict(saved)
+  tokenizer = tokenizers.load_tokenizer(tokenizer_dir(workdir))
+  if tokenizer is None:
+    raise UserError(f"workdir {workdir!r} holds a checkpoint but no tokenizer file")
+  if saved.get("vocab_size") not in (None, tokenizer.vocab_size):
+    raise UserError(f"workdir {workdir!r}: the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint"
+                    f" was trained with {saved['vocab_size']}")
+  mesh = sharding.make_mesh(mesh_config or config.mesh)
+  model = Transformer(model_config(config, tokenizer.vocab_size))
+  tx, _ = make_optimizer(config)
+  abstract, shardings = state_shardings(model, tx, mesh, config.data.seq_len)
+  manager = checkpointing.make_manager(workdir, read_only=True)
+  try:
+    state, _ = checkpointing.restore(manager, step, abstract)
+  finally:
+    manager.close()
+  params = state.ema_params if use_ema else state.params
+  return Trained(config, tokenizer, model, schedule_from_config(config), mesh, params,
+                 shardings.params, step)

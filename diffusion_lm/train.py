@@ -1,0 +1,236 @@
+"""Train a masked diffusion language model; rerunning the same command resumes.
+
+  python -m diffusion_lm.train --config=configs/demo.py --workdir=runs/demo [--config.key=value ...]
+"""
+
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from absl import app, flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from diffusion_lm import checkpointing, experiment, sharding
+from diffusion_lm.errors import UserError, cli_main
+from diffusion_lm.metrics import MetricWriter
+from diffusion_lm.model import Transformer
+from diffusion_lm.generation import Generator
+from diffusion_lm.tokenizers import atomic_write_bytes
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop then saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+
+  def install(self):
+    try:
+      signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. inside a notebook worker)
+      pass
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+
+def _log(message: str) -> None:
+  if jax.process_index() == 0:
+    tqdm.write(message, file=sys.stderr)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains per `config` in `workdir`; returns the final metrics dict."""
+  # ------------------------------------------------------------------ config, workdir, resume check
+  experiment.check_config(config)
+  workdir = os.path.abspath(workdir)
+  saved_step, saved_config = checkpointing.read_saved_config(workdir)
+
+  # ------------------------------------------------------------------ mesh
+  mesh = sharding.make_mesh(config.mesh)
+  t = config.training
+  if t.batch_size % sharding.data_parallel_size(mesh):
+    raise UserError(f"training.batch_size={t.batch_size} is not divisible by the data-parallel size "
+                    f"{sharding.data_parallel_size(mesh)} (mesh data x fsdp); allowed: a multiple of it")
+
+  # ------------------------------------------------------------------ tokenizer and data
+  tokenizer = experiment.load_or_train_tokenizer(config, workdir)
+  if saved_config is not None:
+    mismatch = experiment.describe_mismatch(saved_config, config, tokenizer.vocab_size)
+    if mismatch:
+      raise UserError(f"workdir {workdir!r} holds a checkpoint of a different model ({mismatch}); "
+                      "use a new --workdir, or rerun with the workdir's own config")
+  train_windows, _ = experiment.load_windows(config, workdir, tokenizer, config.data.train_split)
+  eval_windows, eval_tokens = experiment.load_windows(config, workdir, tokenizer, config.data.eval_split)
+  data_iter = experiment.data.make_train_iterator(
+      train_windows, t.batch_size, config.seed, jax.process_index(), jax.process_count())
+
+  # ------------------------------------------------------------------ model, optimizer, state
+  model = Transformer(experiment.model_config(config, tokenizer.vocab_size))
+  schedule = experiment.schedule_from_config(config)
+  tx, lr_schedule = experiment.make_optimizer(config)
+  abstract_state, shardings = experiment.state_shardings(model, tx, mesh, config.data.seq_len)
+  manager = checkpointing.make_manager(workdir, t.checkpoint_every, t.keep_checkpoints)
+  config_dict = {**experiment.config_to_dict(config), "vocab_size": tokenizer.vocab_size}
+  if saved_step is not None:
+    state, data_state = checkpointing.restore(manager, saved_step, abstract_state)
+    data_iter.set_state(data_state)
+    _log(f"resumed from checkpoint step {saved_step} in {workdir}")
+  else:
+    state = experiment.init_state(model, tx, mesh, jax.random.key(config.seed), config.data.seq_len,
+                                  shardings)
+    if jax.process_index() == 0:
+      atomic_write_bytes(os.path.join(workdir, "config.json"), json.dumps(config_dict, indent=2).encode())
+  start_step = int(state.step)
+  _log(f"model: {experiment.param_count(state.params):,} parameters, vocab {tokenizer.vocab_size} "
+       f"({tokenizer.kind}), mesh {dict(mesh.shape)}, {train_windows.__len__():,} train sequences of "
+       f"{config.data.seq_len} tokens")
+
+  # ------------------------------------------------------------------ compiled steps
+  replicated = NamedSharding(mesh, P())
+  step_fn = jax.jit(
+      functools.partial(experiment.train_step, model=model, tx=tx, schedule=schedule,
+                        mask_id=tokenizer.mask_id, ema_decay=config.optimizer.ema_decay),
+      in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
+      out_shardings=(shardings, replicated), donate_argnums=0)
+  evaluator = experiment.Evaluator(model, schedule, tokenizer.mask_id, mesh, shardings.params,
+                                   config.evaluation)
+  generator = None
+  if t.sample_every:
+    generator = Generator(model, schedule, tokenizer, mesh, shardings.params,
+                          steps=config.sampling.steps, temperature=config.sampling.temperature)
+
+  # ------------------------------------------------------------------ loop
+  writer = MetricWriter(workdir)
+  preemption = _Preemption()
+  preemption.install()
+  train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  chars_per_token = eval_tokens.chars_per_token
+  bar = tqdm(total=t.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
+             disable=jax.process_index() != 0, file=sys.stderr, mininterval=1.0)
+  last = {}
+  pending = None  # (step, metrics) of the step before, fetched after the next is dispatched
+  window_start, window_steps = time.time(), 0
+  tokens_per_step = t.batch_size * config.data.seq_len
+
+  def save(step_done: int, force: bool = False):
+    return checkpointing.save(manager, step_done, state, data_iter.get_state(), config_dict, force=force)
+
+  def consume(step_done, metrics):
+    nonlocal window_start, window_steps
+    metrics = jax.device_get(metrics)
+    if not metrics["finite"]:
+      latest = manager.latest_step()
+      manager.wait_until_finished()
+      raise FloatingPointError(
+          f"non-finite loss or gradient at step {step_done}; the update was skipped and training stopped. "
+          f"Last good checkpoint: {latest if latest is not None else 'none'} in {checkpointing.checkpoint_dir(workdir)}")
+    window_steps += 1
+    bar.update(1)
+    bar.set_postfix(loss=f"{metrics['loss']:.3f}", bpt=f"{metrics['bits_per_token']:.3f}", refresh=False)
+    if step_done % t.log_every == 0 or step_done == t.num_steps:
+      elapsed = time.time() - window_start
+      scalars = {f"train/{k}": v for k, v in metrics.items() if k != "finite"}
+      scalars["train/learning_rate"] = float(lr_schedule(step_done - 1))
+      scalars["train/steps_per_sec"] = window_steps / max(elapsed, 1e-9)
+      scalars["train/tokens_per_sec"] = scalars["train/steps_per_sec"] * tokens_per_step
+      writer.write_scalars(step_done, scalars)
+      window_start, window_steps = time.time(), 0
+      last.update(scalars)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    try:
+      for step in range(start_step, t.num_steps):
+        rows = next(data_iter)
+        batch = sharding.global_batch_from_local(rows, mesh)
+        state, metrics = step_fn(state, batch, train_key)
+        if pending is not None:
+          consume(*pending)
+        pending = (step + 1, metrics)
+        step_done = step + 1
+        is_last = step_done == t.num_steps
+        periodic_eval = t.eval_every and step_done % t.eval_every == 0
+        periodic_sample = t.sample_every and step_done % t.sample_every == 0
+        # Sync points: metrics are checked (finite) before anything is evaluated or saved, so a
+        # checkpoint never holds a state whose step produced a non-finite loss.
+        sync = bool(periodic_eval or periodic_sample or is_last or preemption.requested
+                    or manager.should_save(step_done))
+        if sync:
+          consume(*pending)
+          pending = None
+        if periodic_eval or is_last:
+          result = evaluator(state.ema_params, eval_windows, chars_per_token)
+          writer.write_scalars(step_done, {f"eval/{k}": v for k, v in result.items()})
+          last.update({f"eval/{k}": v for k, v in result.items()})
+          _log(f"step {step_done}: validation bits/char {result['bits_per_char']:.4f}, bits/token "
+               f"{result['bits_per_token']:.4f}, perplexity <= {result['perplexity']:.2f}")
+        if generator is not None and (periodic_sample or is_last):
+          _write_samples(generator, state.ema_params, config, workdir, step_done, writer)
+        if sync:
+          save(step_done, force=is_last or preemption.requested)
+        if preemption.requested:
+          manager.wait_until_finished()
+          _log(f"SIGTERM: saved checkpoint at step {step_done}; rerun the same command to resume")
+          break
+      if pending is not None:
+        consume(*pending)
+    finally:
+      bar.close()
+      manager.wait_until_finished()
+      manager.close()
+      writer.close()
+  return last
+
+
+def _write_samples(generator, params, config, workdir, step, writer):
+  cfg = config.sampling
+  tokens = generator.token_batch(cfg.prompt, config.data.seq_len, cfg.num_samples)
+  samples, _ = generator(params, tokens, cfg.seed)
+  texts = generator.decode(samples)
+  if jax.process_index() != 0:
+    return
+  body = "\n".join(f"--- sample {i} (step {step}, {cfg.steps} denoising steps) ---\n{text}"
+                   for i, text in enumerate(texts))
+  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  atomic_write_bytes(os.path.join(workdir, "samples", f"step_{step:07d}.txt"), body.encode())
+  writer.write_text(step, "samples", body)
+  _log(f"samples at step {step}:\n{body}")
+
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizer, logs and samples.")
+flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
+
+
+@cli_main
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}; allowed: flags only")
+  if FLAGS.config is None:
+    raise UserError("--config is required, e.g. --config=configs/demo.py")
+  if not FLAGS.workdir:
+    raise UserError("--workdir is required, e.g. --workdir=runs/demo")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  try:
+    final = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except FloatingPointError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(3)
+  if jax.process_index() == 0 and final:
+    print(json.dumps({k: round(float(v), 5) for k, v in final.items()}), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
