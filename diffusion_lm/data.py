@@ -88,6 +88,12 @@ def split_passages(text: str, passage_chars: int) -> list[str]:
   return passages
 
 
+def document_name(path: str, files: list[str]) -> str:
+  """A file's name relative to the corpus root (its document id)."""
+  root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+  return os.path.relpath(path, root)
+
+
 def passage_split(doc: str, part: int, validation_percent: float) -> str:
   """Deterministic train/validation assignment of a passage, by a hash of its name."""
   bucket = zlib.crc32(f"{doc}:{part}".encode()) % 10_000
@@ -105,6 +111,9 @@ def _tfds():
   if _TFDS is None:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     tfds.disable_progress_bar()
+    # tfds warns on every custom builder config; ours are always custom (named by content hash).
+    logging.getLogger("absl").addFilter(
+        lambda record: not str(record.msg).startswith("Using custom data configuration"))
     _TFDS = tfds
   return _TFDS
 
@@ -144,9 +153,8 @@ def _local_text_builder_cls():
 
     def _generate_examples(self, split):
       cfg = self.builder_config
-      root = os.path.commonpath(cfg.files) if len(cfg.files) > 1 else os.path.dirname(cfg.files[0])
       for path in cfg.files:
-        doc = os.path.relpath(path, root)
+        doc = document_name(path, cfg.files)
         for part, passage in enumerate(split_passages(read_text_file(path), cfg.passage_chars)):
           if passage_split(doc, part, cfg.validation_percent) == split:
             yield f"{doc}:{part}", {"text": passage, "doc": doc, "part": part}
@@ -188,6 +196,23 @@ def _check_data_config(data_config):
     raise UserError(f"data.passage_chars={data_config.passage_chars}; allowed: an integer >= 64")
 
 
+def _check_local_corpus(path, files, data_config) -> None:
+  """Fails early, in one line, on text the builder would choke on or turn into an empty split."""
+  counts = {"train": 0, "validation": 0}
+  for f in files:
+    doc = document_name(f, files)
+    for part, _ in enumerate(split_passages(read_text_file(f), data_config.passage_chars)):
+      counts[passage_split(doc, part, data_config.validation_percent)] += 1
+  if not any(counts.values()):
+    raise UserError(f"corpus {path!r} is empty; allowed: files holding UTF-8 text")
+  for split, count in counts.items():
+    if not count:
+      raise UserError(
+          f"corpus {path!r} gives an empty {split} split ({sum(counts.values())} passages of about "
+          f"{data_config.passage_chars} characters, data.validation_percent={data_config.validation_percent});"
+          " allowed: more text, a smaller data.passage_chars or another validation_percent")
+
+
 def load_text_split(data_config, split: str, data_dir: str) -> TextSplit:
   """Prepares (once) and opens one split of the configured text source."""
   _check_data_config(data_config)
@@ -205,11 +230,9 @@ def load_text_split(data_config, split: str, data_dir: str) -> TextSplit:
                                validation_percent=data_config.validation_percent,
                                passage_chars=data_config.passage_chars),
         data_dir=data_dir, file_format="array_record")
+    if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+      _check_local_corpus(_local_path(data_config), files, data_config)
     _prepare(builder, data_dir)
-    num_examples = builder.info.splits[split].num_examples
-    if num_examples == 0:
-      raise UserError(f"corpus {_local_path(data_config)!r} gives an empty {split} split "
-                      "(empty files, or too little text for data.validation_percent)")
     source = builder.as_data_source(split=split)
     docs = [source[i]["doc"] for i in range(len(source))]
     parts = [int(source[i]["part"]) for i in range(len(source))]
@@ -221,12 +244,13 @@ def load_text_split(data_config, split: str, data_dir: str) -> TextSplit:
     return TextSplit(split, fingerprint, source, order, doc_ends, "text")
 
   name = data_config.tfds_name
-  try:
-    builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
-  except tfds.core.registered.DatasetNotFoundError:
-    close = difflib.get_close_matches(name.split("/")[0], tfds.list_builders(), n=3)
+  base = name.split("/")[0].split(":")[0]
+  known = tfds.list_builders(with_community_datasets=False)
+  if base not in known:
+    close = difflib.get_close_matches(base, known, n=3)
     raise UserError(f"unknown tfds dataset {name!r}"
-                    + (f"; close matches: {', '.join(close)}" if close else "")) from None
+                    + (f"; close matches: {', '.join(close)}" if close else "; see tfds.list_builders()"))
+  builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
   _prepare(builder, data_dir or tfds.core.constants.DATA_DIR)
   if split not in builder.info.splits:
     raise UserError(f"tfds dataset {name!r} has no split {split!r}; allowed: "

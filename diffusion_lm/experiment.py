@@ -175,7 +175,7 @@ def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_
     return jnp.mean(out["nelbo"]) / seq_len, out
 
   (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
@@ -186,7 +186,7 @@ def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_
       "loss": loss,  # nats per token (negative ELBO estimate)
       "bits_per_token": diffusion.nats_to_bits(loss),
       "grad_norm": grad_norm,
-      "param_norm": optax.global_norm(state.params),
+      "param_norm": optax.tree.norm(state.params),
       "mask_rate": jnp.mean(out["num_masked"]) / seq_len,
       "finite": finite.astype(jnp.float32),
   }

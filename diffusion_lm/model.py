@@ -4,7 +4,7 @@ Pre-norm (RMSNorm) blocks with rotary position embeddings, SwiGLU MLPs and optio
 conditioning. Parameters are float32 and annotated with logical axis names ("vocab", "embed",
 "heads", "kv", "mlp"); activations compute in `dtype` (float32 on CPU, bfloat16 on TPU).
 The network knows nothing of masking schedules: it maps tokens_BxL (ids 0..vocab_size, the last
-being [MASK]) and an optional t_B to logits_BxLxV over the vocab_size data tokens.
+being [MASK]) and an optional t_B to logits_BxLxV over the vocab_size data tokens (padding rows of the tables are never used).
 """
 
 import dataclasses
@@ -48,6 +48,12 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def padded_vocab(self) -> int:
+    """Rows of the embedding/head tables: vocab_size + 1 ([MASK]) rounded up to a multiple of 128,
+    so that the vocabulary axis shards over any tensor-parallel size up to 128."""
+    return -(-(self.vocab_size + 1) // 128) * 128
 
 
 def _dense_init(names):
@@ -139,7 +145,7 @@ class Transformer(nn.Module):
     dtype = DTYPES[cfg.dtype]
     if tokens_BxL.shape[1] > cfg.max_len:
       raise UserError(f"sequence length {tokens_BxL.shape[1]} exceeds model.max_len={cfg.max_len}")
-    embed = nn.Embed(cfg.vocab_size + 1, cfg.d_model, dtype=dtype, name="embed",
+    embed = nn.Embed(cfg.padded_vocab, cfg.d_model, dtype=dtype, name="embed",
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
     x = embed(tokens_BxL)
@@ -160,6 +166,7 @@ class Transformer(nn.Module):
     for i in range(cfg.num_layers):
       x = block(cfg, name=f"block_{i}")(x, cond)
     x = RMSNorm(dtype, name="final_norm")(x)
-    logits = nn.Dense(cfg.vocab_size, dtype=dtype, use_bias=False, name="head",
+    logits = nn.Dense(cfg.padded_vocab, dtype=dtype, use_bias=False, name="head",
                       kernel_init=_dense_init(("embed", "vocab")))(x)
-    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return logits[..., :cfg.vocab_size]  # SUBS: no probability on [MASK] or padding rows

@@ -114,22 +114,32 @@ class SentencePieceTokenizer:
     if model_type not in ("unigram", "bpe"):
       raise UserError(f"tokenizer.model_type={model_type!r}; allowed: unigram, bpe")
 
-    def sentences():
-      for text in texts:
-        for line in text.split("\n"):
-          if line.strip():
-            yield line
+    # Deterministic reservoir sample of the training lines (SentencePiece's own sampler is seeded
+    # from the clock), so the same corpus always gives the same tokenizer.
+    rng = np.random.default_rng(0)
+    lines: list[str] = []
+    seen = 0
+    for text in texts:
+      for line in text.split("\n"):
+        if not line.strip():
+          continue
+        seen += 1
+        if len(lines) < max_sentences:
+          lines.append(line)
+        else:
+          j = rng.integers(0, seen)
+          if j < max_sentences:
+            lines[j] = line
 
     proto = io.BytesIO()
     try:
       spm.SentencePieceTrainer.train(
-          sentence_iterator=sentences(), model_writer=proto, vocab_size=vocab_size,
+          sentence_iterator=iter(lines), model_writer=proto, vocab_size=vocab_size,
           model_type=model_type, character_coverage=1.0, byte_fallback=True,
           normalization_rule_name="identity", add_dummy_prefix=False,
           remove_extra_whitespaces=False, split_digits=True, user_defined_symbols=["\n"],
-          input_sentence_size=max_sentences, shuffle_input_sentence=True, seed_sentencepiece_size=200_000,
-          unk_id=0, bos_id=-1, eos_id=1, pad_id=-1, num_threads=2, minloglevel=2,
-          allow_whitespace_only_pieces=True, split_by_whitespace=True, random_seed=0)
+          unk_id=0, bos_id=-1, eos_id=1, pad_id=-1, num_threads=1, minloglevel=2,
+          allow_whitespace_only_pieces=True, split_by_whitespace=True)
     except RuntimeError as e:
       raise UserError(f"sentencepiece training failed with tokenizer.vocab_size={vocab_size}: "
                       f"{str(e).splitlines()[0]}") from None

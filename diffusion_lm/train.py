@@ -50,8 +50,12 @@ def _log(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains per `config` in `workdir`; returns the final metrics dict."""
+def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> dict:
+  """Trains per `config` in `workdir`; returns the final metrics dict.
+
+  `stop_after` ends this run after that many steps as if preempted (checkpoint, clean exit); the
+  next run with the same config resumes and finishes exactly as an uninterrupted run would.
+  """
   # ------------------------------------------------------------------ config, workdir, resume check
   experiment.check_config(config)
   workdir = os.path.abspath(workdir)
@@ -159,6 +163,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
           consume(*pending)
         pending = (step + 1, metrics)
         step_done = step + 1
+        if stop_after is not None and step_done - start_step >= stop_after:
+          preemption.requested = True
         is_last = step_done == t.num_steps
         periodic_eval = t.eval_every and step_done % t.eval_every == 0
         periodic_sample = t.sample_every and step_done % t.sample_every == 0
@@ -181,7 +187,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           save(step_done, force=is_last or preemption.requested)
         if preemption.requested:
           manager.wait_until_finished()
-          _log(f"SIGTERM: saved checkpoint at step {step_done}; rerun the same command to resume")
+          _log(f"stopped early: saved checkpoint at step {step_done}; rerun the same command to resume")
           break
       if pending is not None:
         consume(*pending)

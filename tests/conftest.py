@@ -1,0 +1,52 @@
+"""Test setup: 8 simulated CPU devices (set before jax is imported) and shared fixtures."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+ENGLISH = """To be, or not to be, that is the question:
+Whether 'tis nobler in the mind to suffer
+The slings and arrows of outrageous fortune,
+Or to take arms against a sea of troubles
+And by opposing end them. To die: to sleep;
+No more; and by a sleep to say we end
+The heart-ache and the thousand natural shocks
+That flesh is heir to, 'tis a consummation
+Devoutly to be wish'd. To die, to sleep;
+To sleep: perchance to dream: ay, there's the rub;
+"""
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+  """A data/token cache shared by the tests that train on the bundled corpus."""
+  return str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture
+def tiny_config(data_cache):
+  from configs import tiny
+  config = tiny.get_config()
+  config.data.cache_dir = data_cache
+  return config
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+  """A folder of three small text files (one compressed)."""
+  import gzip
+  folder = tmp_path / "corpus"
+  folder.mkdir()
+  for i in range(3):
+    text = "".join(f"{line} [{i}:{j}]\n" for j in range(40) for line in ENGLISH.splitlines())
+    if i == 2:
+      with gzip.open(folder / f"doc{i}.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    else:
+      (folder / f"doc{i}.txt").write_text(text, encoding="utf-8")
+  return str(folder)

@@ -1,0 +1,134 @@
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default
+from diffusion_lm import data, tokenizers
+from diffusion_lm.errors import UserError
+
+
+def _data_config(**overrides):
+  cfg = default.get_config().data
+  cfg.passage_chars = 512
+  cfg.validation_percent = 10.0
+  cfg.update(overrides)
+  return cfg
+
+
+def test_split_passages_concatenate_back():
+  text = "".join(f"line {i} " * (i % 7) + "\n" for i in range(500))
+  passages = data.split_passages(text, 200)
+  assert "".join(passages) == text
+  assert all(len(p) <= 200 for p in passages)
+  assert all(p.endswith("\n") for p in passages[:-1])
+
+
+def test_local_builder_splits_deterministically(small_corpus, tmp_path):
+  cfg = _data_config(source="local", path=small_corpus)
+  train = data.load_text_split(cfg, "train", str(tmp_path / "a"))
+  val = data.load_text_split(cfg, "validation", str(tmp_path / "a"))
+  again = data.load_text_split(cfg, "validation", str(tmp_path / "b"))
+  assert len(train) > len(val) > 0
+  assert list(val.texts()) == list(again.texts())
+  # Train and validation passages together rebuild every document exactly.
+  everything = {}
+  for split in (train, val):
+    for i in range(len(split)):
+      ex = split.source[int(split.order[i])]
+      everything[(ex["doc"].decode(), int(ex["part"]))] = ex["text"].decode()
+  for name in sorted(os.listdir(small_corpus)):
+    path = os.path.join(small_corpus, name)
+    parts = sorted((p, t) for (d, p), t in everything.items() if d == name)
+    assert "".join(t for _, t in parts) == data.read_text_file(path)
+
+
+def test_document_ends_only_between_documents(small_corpus, tmp_path):
+  cfg = _data_config(source="local", path=small_corpus, validation_percent=1.0)
+  train = data.load_text_split(cfg, "train", str(tmp_path))
+  # With 1% held out, most passages continue the previous one: only a few document ends.
+  assert 3 <= int(train.doc_ends.sum()) < len(train) // 2
+
+
+def test_tokenized_windows_and_chars_per_token(small_corpus, tmp_path):
+  cfg = _data_config(source="local", path=small_corpus)
+  split = data.load_text_split(cfg, "train", str(tmp_path))
+  tok = tokenizers.CharTokenizer.train(split.texts())
+  tokenized = data.tokenize_split(split, tok, str(tmp_path / "tokens"))
+  assert tokenized.tokens.dtype == np.int32 and tokenized.chars_per_token == 1.0
+  assert int((np.asarray(tokenized.tokens) == tok.eos_id).sum()) == int(split.doc_ends.sum())
+  windows = data.Windows(tokenized.tokens, 16)
+  np.testing.assert_array_equal(windows.rows([2])[0], tokenized.tokens[32:48])
+  cached = data.tokenize_split(split, tok, str(tmp_path / "tokens"))  # from the .npy cache
+  np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(tokenized.tokens))
+
+
+def test_iterator_deterministic_and_resumes_exactly():
+  windows = data.Windows(np.arange(10_000, dtype=np.int32), 10)
+  it = data.make_train_iterator(windows, 8, seed=3)
+  first = [next(it) for _ in range(5)]
+  state = it.get_state()
+  rest = [next(it) for _ in range(5)]
+  again = data.make_train_iterator(windows, 8, seed=3)
+  np.testing.assert_array_equal(np.stack([next(again) for _ in range(5)]), np.stack(first))
+  resumed = data.make_train_iterator(windows, 8, seed=3)
+  resumed.set_state(state)
+  np.testing.assert_array_equal(np.stack([next(resumed) for _ in range(5)]), np.stack(rest))
+  other_seed = data.make_train_iterator(windows, 8, seed=4)
+  assert not np.array_equal(next(other_seed), first[0])
+
+
+def test_process_shards_assemble_the_global_batch():
+  windows = data.Windows(np.arange(4_000, dtype=np.int32), 10)
+  whole = data.train_dataset(windows, 8, seed=1)
+  parts = [data.train_dataset(windows, 8, seed=1, process_index=p, process_count=4) for p in range(4)]
+  for step in (0, 1, 57):  # 57 crosses an epoch boundary (400 windows / 8)
+    np.testing.assert_array_equal(np.concatenate([p[step] for p in parts]), whole[step])
+
+
+def test_every_window_once_per_epoch():
+  windows = data.Windows(np.arange(640, dtype=np.int32), 10)
+  ds = data.train_dataset(windows, 8, seed=0)
+  firsts = np.concatenate([ds[s][:, 0] for s in range(8)]) // 10
+  assert sorted(firsts.tolist()) == list(range(64))
+
+
+def test_eval_batches_pad_and_flag():
+  windows = data.Windows(np.arange(250, dtype=np.int32), 10)
+  batches = list(data.eval_batches(windows, 10))
+  assert len(batches) == 3 and batches[-1][1].sum() == 5 and batches[0][1].all()
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("missing", "does not exist"),
+    ("empty_folder", "holds no text files"),
+    ("empty_file", "is empty"),
+    ("latin1", "is not UTF-8 text"),
+    ("binary", "NUL bytes"),
+])
+def test_bad_corpus_is_one_line_error(tmp_path, setup, message):
+  folder = tmp_path / "c"
+  folder.mkdir()
+  if setup == "empty_file":
+    (folder / "a.txt").write_text("")
+  elif setup == "latin1":
+    (folder / "a.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 100)
+  elif setup == "binary":
+    (folder / "a.txt").write_bytes(b"ab\x00\x01" * 100)
+  path = str(folder / "nope") if setup == "missing" else str(folder)
+  with pytest.raises(UserError) as e:
+    data.load_text_split(_data_config(source="local", path=path), "train", str(tmp_path / "d"))
+  assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_tfds_dataset_names_close_matches(tmp_path):
+  with pytest.raises(UserError, match="unknown tfds dataset 'lm1c'.*lm1b"):
+    data.load_text_split(_data_config(source="tfds", tfds_name="lm1c"), "train", str(tmp_path))
+
+
+def test_unknown_source_and_short_corpus(tmp_path):
+  with pytest.raises(UserError, match="data.source='hub'"):
+    data.load_text_split(_data_config(source="hub"), "train", str(tmp_path))
+  with pytest.raises(UserError, match="fewer than one sequence"):
+    data.Windows(np.arange(5, dtype=np.int32), 8)
