@@ -73,9 +73,21 @@ def get_config(arg=None):
   ev.seed = 0  # fixed: evaluation numbers are reproducible
 
   config.sampling = smp = ml_collections.ConfigDict()
-  smp.steps = 128  # denoising steps T
-  smp.num_samples = 4  # samples printed during training
+  smp.name = "ancestral"  # ancestral | confidence | blocks | threshold | remdm (see diffusion_lm/sampling.py)
+  smp.steps = 128  # denoising steps T (threshold: an upper bound is the length)
   smp.temperature = 1.0  # softmax temperature (0 = argmax)
+  smp.top_k = 0  # keep only the k most likely tokens (0 = off)
+  smp.top_p = 1.0  # nucleus sampling mass (1 = off)
+  smp.float64 = False  # float64 Gumbel noise for the categorical draws
+  smp.time_grid = "uniform"  # ancestral/remdm time grid: uniform | cosine
+  smp.cache = True  # ancestral: reuse logits after a step that revealed nothing
+  smp.confidence = "max_prob"  # confidence/blocks/threshold: max_prob | margin | entropy | random
+  smp.commit_schedule = "linear"  # confidence/blocks: tokens committed per step, linear | cosine
+  smp.block_length = 32  # blocks: tokens per semi-autoregressive block
+  smp.threshold = 0.9  # threshold: commit every prediction at least this confident
+  smp.remask_eta = 0.05  # remdm: cap on the per-step remasking probability
+  smp.guidance = 0.0  # classifier-free guidance weight on given tokens (0 = off)
+  smp.num_samples = 4  # samples printed during training
   smp.prompt = ""  # prefix held fixed in training-time samples
   smp.seed = 0  # seed of training-time samples (the same every time, to watch progress)
 

@@ -1,58 +1,82 @@
-"""Compiled, sharded text generation from a denoiser's parameters (used by train and sample)."""
+"""Compiled, sharded generation from a denoiser's parameters (used by train and sample)."""
 
-import jax
+import contextlib
+import dataclasses
+
 import flax.linen as nn
+import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffusion_lm import sampling, sharding
 
+SAMPLER_FIELDS = tuple(f.name for f in dataclasses.fields(sampling.SamplerConfig))
+
+
+def sampler_config(sampling_config, **overrides) -> sampling.SamplerConfig:
+  """SamplerConfig from `config.sampling` (other fields there are ignored) plus overrides."""
+  values = {k: sampling_config[k] for k in SAMPLER_FIELDS if k in sampling_config}
+  values.update({k: v for k, v in overrides.items() if v is not None})
+  return sampling.SamplerConfig(**values)
+
 
 class Generator:
-  """Compiles the sampler once per (num_samples, seq_len, steps) and decodes its output."""
+  """One compiled sampler per (batch, length); batch sharded over the mesh's data axes."""
 
-  def __init__(self, model, schedule, tokenizer, mesh, param_shardings, *, steps: int,
-               temperature: float = 1.0, return_trajectory: bool = False):
-    sampling.check_steps(steps)
-    self.tokenizer, self.mesh = tokenizer, mesh
+  def __init__(self, model, schedule, tokenizer, mesh, param_shardings, cfg: sampling.SamplerConfig,
+               return_trajectory: bool = False):
+    self.tokenizer, self.mesh, self.cfg = tokenizer, mesh, cfg
     self.return_trajectory = return_trajectory
-    sample = sampling.make_sampler(lambda params, x, t: model.apply({"params": params}, x, t),
-                                   steps=steps, schedule=schedule, mask_id=tokenizer.mask_id,
-                                   temperature=temperature, return_trajectory=return_trajectory)
+    time_independent = not model.config.time_conditioning
+
+    def run(params, key, tokens_BxL, example_ids_B):
+      denoiser = lambda x, t: model.apply({"params": params}, x, t)
+      return sampling.sample(denoiser, key, tokens_BxL, example_ids_B, cfg, schedule=schedule,
+                             mask_id=tokenizer.mask_id, return_trajectory=return_trajectory,
+                             time_independent=time_independent)
+
     batch = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
-    out = (batch, NamedSharding(mesh, P(None, ("data", "fsdp")))) if return_trajectory else batch
-    self._sample = jax.jit(sample, in_shardings=(param_shardings, replicated, batch, batch),
-                           out_shardings=out)
+    out = sampling.SampleOutput(batch, NamedSharding(mesh, P(None, ("data", "fsdp"))), batch, replicated)
+    self._run = jax.jit(run, in_shardings=(param_shardings, replicated, batch, batch), out_shardings=out)
 
-  def token_batch(self, prompt: str, seq_len: int, num_samples: int) -> np.ndarray:
-    return sampling.prompt_tokens(self.tokenizer, prompt, seq_len, num_samples)
+  def _context(self):
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(sharding.LOGICAL_RULES))
+    if self.cfg.float64:
+      stack.enter_context(jax.enable_x64(True))
+    return stack
 
-  def __call__(self, params, tokens_BxL: np.ndarray, seed: int):
-    """Samples from the given initial tokens; returns (tokens int32[B, L], trajectory or None).
+  def template(self, seq_len: int, num_samples: int, prompt: str = "", suffix: str = "", infill: str = ""):
+    row = sampling.template_tokens(self.tokenizer, seq_len, prompt=prompt, suffix=suffix, infill=infill)
+    self.cfg.check_length(seq_len, int((row == self.tokenizer.mask_id).sum()))
+    return np.tile(row, (num_samples, 1))
 
-    The batch is padded up to a multiple of the data-parallel size; padding rows are dropped.
+  def __call__(self, params, tokens_BxL: np.ndarray, seed: int) -> sampling.SampleOutput:
+    """Samples from the initial tokens; returns host numpy arrays (trajectory int32[S, B, L]).
+
+    Sequence i uses key stream fold_in(key(seed), i); the batch is padded up to a multiple of the
+    data-parallel size and the padding rows are dropped.
     """
     num = tokens_BxL.shape[0]
     dp = sharding.data_parallel_size(self.mesh)
     padded = -(-num // dp) * dp
-    tokens = np.concatenate([tokens_BxL, np.repeat(tokens_BxL[:1], padded - num, axis=0)])
+    tokens = np.concatenate([tokens_BxL, np.repeat(tokens_BxL[:1], padded - num, axis=0)]).astype(np.int32)
     ids = np.arange(padded, dtype=np.int32)
     batch = sharding.batch_sharding(self.mesh)
     put = lambda x: jax.make_array_from_callback(x.shape, batch, lambda idx: x[idx])
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      out = self._sample(params, jax.random.key(seed), put(tokens), put(ids))
-    if self.return_trajectory:
-      final, trajectory = out
-      return _to_host(final)[:num], _to_host(trajectory)[:, :num]
-    return _to_host(out)[:num], None
+    with self._context():
+      out = self._run(params, jax.random.key(seed), put(tokens), put(ids))
+    return sampling.SampleOutput(_to_host(out.tokens)[:num], _to_host(out.trajectory)[:, :num],
+                                 _to_host(out.steps_used)[:num], int(out.num_calls))
 
   def decode(self, tokens_BxL) -> list[str]:
     return [self.tokenizer.decode(row) for row in tokens_BxL]
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1:
+  if jax.process_count() > 1 and not x.is_fully_replicated:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))

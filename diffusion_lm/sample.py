@@ -1,26 +1,49 @@
 """Generate text from a trained workdir by iterative unmasking.
 
   python -m diffusion_lm.sample --workdir=runs/demo --num_samples=4 --steps=64 --prompt="ROMEO."
+  python -m diffusion_lm.sample --workdir=runs/demo --sampler=confidence --confidence=margin --steps=32
+  python -m diffusion_lm.sample --workdir=runs/demo --infill="To be, or not to be: [MASK*12] the question."
+  python -m diffusion_lm.sample --workdir=runs/demo --show --html=denoise.html
 """
 
+import json
 import sys
 
 from absl import app, flags
 
+from diffusion_lm import sampling
 from diffusion_lm.errors import UserError, cli_main
-from diffusion_lm.generation import Generator
-
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints and the tokenizer.")
 flags.DEFINE_integer("num_samples", 4, "Number of sequences to generate.")
+flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS), "Sampling strategy (default: the config's).")
 flags.DEFINE_integer("steps", None, "Denoising steps T (default: the config's sampling.steps).")
 flags.DEFINE_integer("seq_len", None, "Length of each sequence in tokens (default: data.seq_len).")
 flags.DEFINE_integer("seed", 0, "Random seed; sequence i uses fold_in(key(seed), i).")
 flags.DEFINE_string("prompt", "", "Text held fixed at the start of every sample.")
-flags.DEFINE_float("temperature", None, "Softmax temperature (0 = argmax; default: the config's).")
+flags.DEFINE_string("suffix", "", "Text held fixed at the end of every sample.")
+flags.DEFINE_string("infill", "", "Text with [MASK] / [MASK*n] marking the tokens to generate.")
+flags.DEFINE_float("temperature", None, "Softmax temperature (0 = argmax).")
+flags.DEFINE_integer("top_k", None, "Keep only the k most likely tokens (0 = off).")
+flags.DEFINE_float("top_p", None, "Nucleus sampling mass in (0, 1] (1 = off).")
+flags.DEFINE_bool("float64", None, "Draw categorical samples with float64 Gumbel noise.")
+flags.DEFINE_string("time_grid", None, "ancestral/remdm: uniform | cosine.")
+flags.DEFINE_bool("cache", None, "ancestral: reuse logits after steps that revealed nothing.")
+flags.DEFINE_string("confidence", None, "max_prob | margin | entropy | random.")
+flags.DEFINE_string("commit_schedule", None, "confidence/blocks: linear | cosine.")
+flags.DEFINE_integer("block_length", None, "blocks: tokens per block (must divide seq_len).")
+flags.DEFINE_float("threshold", None, "threshold: commit predictions at least this confident, in (0, 1].")
+flags.DEFINE_float("remask_eta", None, "remdm: cap on the per-step remasking probability.")
+flags.DEFINE_float("guidance", None, "Classifier-free guidance weight on the given tokens (0 = off).")
+flags.DEFINE_bool("show", False, "Animate the unmasking in the terminal.")
+flags.DEFINE_string("html", "", "Write a self-contained HTML page replaying the denoising to this file.")
+flags.DEFINE_bool("json", False, "Print one JSON line per sample instead of text blocks.")
 flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA parameters.")
 flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
+
+_OVERRIDES = ("steps", "temperature", "top_k", "top_p", "float64", "time_grid", "cache", "confidence",
+              "commit_schedule", "block_length", "threshold", "remask_eta", "guidance")
 
 
 @cli_main
@@ -31,22 +54,39 @@ def main(argv):
     raise UserError("--workdir is required: the training workdir to sample from")
   if FLAGS.num_samples < 1:
     raise UserError(f"--num_samples={FLAGS.num_samples}; allowed: an integer >= 1")
-  from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
+  from diffusion_lm import experiment, visualize  # pylint: disable=g-import-not-at-top
+  from diffusion_lm.generation import Generator, sampler_config  # pylint: disable=g-import-not-at-top
+  overrides = {name: getattr(FLAGS, name) for name in _OVERRIDES}
+  overrides["name"] = FLAGS.sampler
   trained = experiment.load_trained(FLAGS.workdir, use_ema=not FLAGS.raw_params)
-  cfg = trained.config
-  steps = cfg.sampling.steps if FLAGS.steps is None else FLAGS.steps
-  seq_len = cfg.data.seq_len if FLAGS.seq_len is None else FLAGS.seq_len
-  if seq_len < 1 or seq_len > cfg.model.max_len:
-    raise UserError(f"--seq_len={seq_len}; allowed: 1 to the model's max_len={cfg.model.max_len}")
-  temperature = cfg.sampling.temperature if FLAGS.temperature is None else FLAGS.temperature
+  cfg = sampler_config(trained.config.sampling, **overrides)
+  max_len = trained.config.model.max_len
+  seq_len = trained.config.data.seq_len if FLAGS.seq_len is None else FLAGS.seq_len
+  if seq_len < 1 or seq_len > max_len:
+    raise UserError(f"--seq_len={seq_len}; allowed: 1 to the model's max_len={max_len}")
+  trajectory = bool(FLAGS.show or FLAGS.html)
   generator = Generator(trained.model, trained.schedule, trained.tokenizer, trained.mesh,
-                        trained.param_shardings, steps=steps, temperature=temperature)
-  tokens = generator.token_batch(FLAGS.prompt, seq_len, FLAGS.num_samples)
-  samples, _ = generator(trained.params, tokens, FLAGS.seed)
-  print(f"# {FLAGS.num_samples} samples, {seq_len} tokens, {steps} steps, seed {FLAGS.seed}, "
-        f"checkpoint step {trained.step}", flush=True)
-  for i, text in enumerate(generator.decode(samples)):
-    print(f"--- sample {i} ---\n{text}", flush=True)
+                        trained.param_shardings, cfg, return_trajectory=trajectory)
+  tokens = generator.template(seq_len, FLAGS.num_samples, prompt=FLAGS.prompt, suffix=FLAGS.suffix,
+                              infill=FLAGS.infill)
+  out = generator(trained.params, tokens, FLAGS.seed)
+  texts = generator.decode(out.tokens)
+  meta = (f"{FLAGS.num_samples} samples, {seq_len} tokens, {cfg.name} sampler, {cfg.steps} steps"
+          f"{' (max)' if cfg.name == 'threshold' else ''}, seed {FLAGS.seed}, checkpoint step {trained.step}")
+  if FLAGS.show:
+    visualize.show_in_terminal(trained.tokenizer, tokens, out.trajectory)
+  if FLAGS.html:
+    visualize.write_html(FLAGS.html, trained.tokenizer, tokens, out.trajectory, meta)
+  if FLAGS.json:
+    for i, text in enumerate(texts):
+      print(json.dumps({"index": i, "text": text, "steps_used": int(out.steps_used[i])}), flush=True)
+  else:
+    print(f"# {meta}; denoiser calls {out.num_calls}", flush=True)
+    for i, text in enumerate(texts):
+      used = f" ({int(out.steps_used[i])} steps)" if cfg.name == "threshold" else ""
+      print(f"--- sample {i}{used} ---\n{text}", flush=True)
+  if FLAGS.html:
+    print(f"# wrote {FLAGS.html}", flush=True)
   sys.stdout.flush()
 
 

@@ -87,6 +87,10 @@ class CharTokenizer:
         out.append("_")
     return "".join(out)
 
+  def token_text(self, i: int) -> str:
+    """The text of one data token (for step-by-step displays)."""
+    return self.chars[i] if i < len(self.chars) else "\n\n"
+
   def to_json(self) -> bytes:
     return json.dumps({"kind": "char", "chars": "".join(self.chars)}).encode()
 
@@ -164,6 +168,15 @@ class SentencePieceTokenizer:
     if pieces:
       out.append(self.sp.decode(pieces))
     return "".join(out)
+
+  def token_text(self, i: int) -> str:
+    """The text of one data token (for step-by-step displays); byte pieces show as their byte."""
+    if i == self.eos_id:
+      return "\n\n"
+    piece = self.sp.id_to_piece(int(i))
+    if self.sp.is_byte(int(i)):
+      return bytes([int(piece[3:5], 16)]).decode("utf-8", errors="replace")
+    return piece.replace("\u2581", " ")
 
   def fingerprint(self) -> str:
     return hashlib.sha256(self.model_proto).hexdigest()[:16]

@@ -24,7 +24,7 @@ from diffusion_lm import checkpointing, experiment, sharding
 from diffusion_lm.errors import UserError, cli_main
 from diffusion_lm.metrics import MetricWriter
 from diffusion_lm.model import Transformer
-from diffusion_lm.generation import Generator
+from diffusion_lm.generation import Generator, sampler_config
 from diffusion_lm.tokenizers import atomic_write_bytes
 
 
@@ -113,7 +113,9 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   generator = None
   if t.sample_every:
     generator = Generator(model, schedule, tokenizer, mesh, shardings.params,
-                          steps=config.sampling.steps, temperature=config.sampling.temperature)
+                          sampler_config(config.sampling))
+    samples_template = generator.template(config.data.seq_len, config.sampling.num_samples,
+                                          prompt=config.sampling.prompt)
 
   # ------------------------------------------------------------------ loop
   writer = MetricWriter(workdir)
@@ -182,7 +184,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
           _log(f"step {step_done}: validation bits/char {result['bits_per_char']:.4f}, bits/token "
                f"{result['bits_per_token']:.4f}, perplexity <= {result['perplexity']:.2f}")
         if generator is not None and (periodic_sample or is_last):
-          _write_samples(generator, state.ema_params, config, workdir, step_done, writer)
+          _write_samples(generator, state.ema_params, samples_template, config, workdir, step_done, writer)
         if sync:
           save(step_done, force=is_last or preemption.requested)
         if preemption.requested:
@@ -199,14 +201,12 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   return last
 
 
-def _write_samples(generator, params, config, workdir, step, writer):
+def _write_samples(generator, params, template, config, workdir, step, writer):
   cfg = config.sampling
-  tokens = generator.token_batch(cfg.prompt, config.data.seq_len, cfg.num_samples)
-  samples, _ = generator(params, tokens, cfg.seed)
-  texts = generator.decode(samples)
+  texts = generator.decode(generator(params, template, cfg.seed).tokens)
   if jax.process_index() != 0:
     return
-  body = "\n".join(f"--- sample {i} (step {step}, {cfg.steps} denoising steps) ---\n{text}"
+  body = "\n".join(f"--- sample {i} (step {step}, {cfg.name} sampler, {cfg.steps} steps) ---\n{text}"
                    for i, text in enumerate(texts))
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
   atomic_write_bytes(os.path.join(workdir, "samples", f"step_{step:07d}.txt"), body.encode())

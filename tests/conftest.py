@@ -50,3 +50,17 @@ def small_corpus(tmp_path):
     else:
       (folder / f"doc{i}.txt").write_text(text, encoding="utf-8")
   return str(folder)
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, data_cache):
+  """A tiny model trained 6 steps, interrupted: stopped after 4 steps, then the same call again."""
+  from configs import tiny
+  from diffusion_lm.train import train_and_evaluate
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = tiny.get_config()
+  config.data.cache_dir = data_cache
+  config.training.update(num_steps=6, checkpoint_every=2, sample_every=4)
+  train_and_evaluate(config, workdir, stop_after=4)
+  train_and_evaluate(config, workdir)  # same config: resumes at 4
+  return workdir

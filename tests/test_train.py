@@ -16,6 +16,7 @@ from diffusion_lm import checkpointing, experiment, sharding
 from diffusion_lm.errors import UserError
 from diffusion_lm.generation import Generator
 from diffusion_lm.model import Transformer
+from diffusion_lm.sampling import SamplerConfig
 from diffusion_lm.schedules import Schedule
 from diffusion_lm.train import train_and_evaluate
 
@@ -78,19 +79,6 @@ def _params(workdir):
   return step, restored.state
 
 
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory, data_cache):
-  """A tiny model trained 6 steps, interrupted: stopped after 4 steps, then the same call again."""
-  from configs import tiny
-  workdir = str(tmp_path_factory.mktemp("run"))
-  config = tiny.get_config()
-  config.data.cache_dir = data_cache
-  config.training.update(num_steps=6, checkpoint_every=2, sample_every=4)
-  train_and_evaluate(config, workdir, stop_after=4)
-  train_and_evaluate(config, workdir)  # same config: resumes at 4
-  return workdir
-
-
 def test_checkpoints_metrics_and_samples_written(trained_workdir):
   steps = sorted(int(d) for d in os.listdir(os.path.join(trained_workdir, "checkpoints")) if d.isdigit())
   assert steps[-1] == 6 and 4 in steps
@@ -119,12 +107,12 @@ def test_resume_is_exact(trained_workdir, tmp_path, data_cache):
 def test_generator_keeps_prompt_and_fills_every_mask(trained_workdir):
   trained = experiment.load_trained(trained_workdir)
   gen = Generator(trained.model, trained.schedule, trained.tokenizer, trained.mesh, trained.param_shardings,
-                  steps=4)
-  tokens = gen.token_batch("ROMEO.", 32, 3)
-  samples, _ = gen(trained.params, tokens, seed=1)
+                  SamplerConfig(steps=4))
+  tokens = gen.template(32, 3, prompt="ROMEO.")
+  samples = gen(trained.params, tokens, seed=1).tokens
   assert samples.shape == (3, 32) and not (samples == trained.tokenizer.mask_id).any()
   assert all(text.startswith("ROMEO.") for text in gen.decode(samples))
-  again, _ = gen(trained.params, tokens, seed=1)
+  again = gen(trained.params, tokens, seed=1).tokens
   np.testing.assert_array_equal(samples, again)
 
 
@@ -156,6 +144,11 @@ def test_sample_and_evaluate_cli(trained_workdir):
     (["--prompt=" + "x" * 40], "prompt is 40 tokens, longer than seq_len=32"),
     (["--seq_len=64"], "--seq_len=64; allowed: 1 to the model's max_len=32"),
     (["--prompt=\u00e9t\u00e9"], "not in the character vocabulary"),
+    (["--sampler=blocks", "--block_length=5"], "block_length=5 does not divide the sequence length 32"),
+    (["--sampler=threshold", "--threshold=1.5"], "threshold=1.5; allowed: 0 < threshold <= 1"),
+    (["--top_p=0"], "top_p=0.0; allowed: 0 < top_p <= 1"),
+    (["--sampler=confidence", "--steps=40"], "steps=40 exceeds the 32 positions to generate"),
+    (["--infill=no masks"], "has no [MASK] or [MASK*n]"),
 ])
 def test_sample_cli_bad_input_is_one_line(trained_workdir, args, message):
   out = _cli("diffusion_lm.sample", f"--workdir={trained_workdir}", *args)
@@ -163,6 +156,18 @@ def test_sample_cli_bad_input_is_one_line(trained_workdir, args, message):
   errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and message in errors[0], out.stderr
   assert "Traceback" not in out.stderr
+
+
+def test_sample_cli_strategies_show_and_html(trained_workdir, tmp_path):
+  page = str(tmp_path / "replay.html")
+  out = _cli("diffusion_lm.sample", f"--workdir={trained_workdir}", "--num_samples=2", "--sampler=threshold",
+             "--threshold=0.2", "--infill=To be, [MASK*6] the question.", "--show", f"--html={page}")
+  assert out.returncode == 0, out.stderr
+  frames = [l for l in out.stdout.splitlines() if l.startswith("=== step ")]
+  assert frames[0].startswith("=== step 0/") and frames[-1].endswith(": 0 masked")
+  assert out.stdout.count("the question.") >= 2 and "steps)" in out.stdout
+  html = open(page, encoding="utf-8").read()
+  assert html.startswith("<!doctype html>") and "const frames = [[[" in html and "http" not in html
 
 
 def _snapshot(workdir):
