@@ -10,6 +10,7 @@ def get_config(arg=None):
   del arg
   config = ml_collections.ConfigDict()
   config.seed = 0  # seeds init, data order, masking and periodic samples
+  config.objective = "diffusion"  # diffusion (masked diffusion ELBO) | ar (the causal baseline, same network)
 
   config.data = data = ml_collections.ConfigDict()
   data.source = "bundled"  # bundled (Shakespeare shipped in the package) | local (data.path) | tfds
@@ -70,6 +71,7 @@ def get_config(arg=None):
   ev.batch_size = 64  # sequences per evaluation batch
   ev.max_batches = 0  # cap on validation batches (0: the whole split)
   ev.num_t_samples = 4  # stratified time draws per sequence for the ELBO
+  ev.discrete_steps = 0  # also report the exact T-step discrete-time bound for this T (0 = off)
   ev.seed = 0  # fixed: evaluation numbers are reproducible
 
   config.sampling = smp = ml_collections.ConfigDict()

@@ -34,7 +34,9 @@ from diffusion_lm.errors import UserError
 from diffusion_lm.tokenizers import atomic_write_bytes
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.xz", ".txt.bz2")
-SOURCES = ("bundled", "local", "tfds")
+SOURCES = ("bundled", "local", "text8", "tfds")
+TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
+TEXT8_SPLITS = {"train": (0.0, 0.9), "validation": (0.9, 0.95), "test": (0.95, 1.0)}  # 90M / 5M / 5M
 
 
 # ----------------------------------------------------------------------------- reading local text
@@ -159,8 +161,54 @@ def _local_text_builder_cls():
           if passage_split(doc, part, cfg.validation_percent) == split:
             yield f"{doc}:{part}", {"text": passage, "doc": doc, "part": part}
 
-  _local_text_builder_cls.cls = (LocalText, LocalTextConfig)
+  class Text8(tfds.core.GeneratorBasedBuilder):
+    """text8 (the first 10^8 bytes of cleaned English Wikipedia: a-z and space) with the standard
+    90M/5M/5M train/validation/test split, as passages {text, doc, part} in order."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, *, archive: str = "", **kwargs):
+      self._archive = archive
+      super().__init__(**kwargs)
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, description=self.__doc__, homepage="http://mattmahoney.net/dc/textdata.html",
+          features=tfds.features.FeaturesDict({
+              "text": tfds.features.Text(), "doc": tfds.features.Text(), "part": np.int64}))
+
+    def _split_generators(self, dl_manager):
+      path = self._archive or dl_manager.download(TEXT8_URL)
+      text = read_text8(str(path))
+      return {split: self._generate_examples(text, split) for split in TEXT8_SPLITS}
+
+    def _generate_examples(self, text, split):
+      lo, hi = (int(round(f * len(text))) for f in TEXT8_SPLITS[split])
+      for part, start in enumerate(range(lo, hi, 1 << 16)):
+        yield f"{split}:{part}", {"text": text[start:min(start + (1 << 16), hi)], "doc": split, "part": part}
+
+  _local_text_builder_cls.cls = (LocalText, LocalTextConfig, Text8)
   return _local_text_builder_cls.cls
+
+
+def read_text8(path: str) -> str:
+  """The text8 text from the zip archive (member "text8") or the unzipped file."""
+  import zipfile  # pylint: disable=g-import-not-at-top
+  if zipfile.is_zipfile(path):
+    with zipfile.ZipFile(path) as archive:
+      names = archive.namelist()
+      if "text8" not in names:
+        raise UserError(f"text8 archive {path!r} has no member 'text8' (has {names[:3]}); allowed: text8.zip")
+      data = archive.read("text8")
+  else:
+    with open(path, "rb") as f:
+      data = f.read()
+  text = data.decode("ascii", errors="replace")
+  bad = set(text) - set("abcdefghijklmnopqrstuvwxyz ")
+  if bad:
+    raise UserError(f"text8 file {path!r} holds characters {sorted(bad)[:5]} outside a-z and space;"
+                    " allowed: the text8 file or text8.zip")
+  return text
 
 
 @dataclasses.dataclass
@@ -219,7 +267,7 @@ def load_text_split(data_config, split: str, data_dir: str) -> TextSplit:
   tfds = _tfds()
   if data_config.source in ("bundled", "local"):
     files = list_text_files(_local_path(data_config))
-    LocalText, LocalTextConfig = _local_text_builder_cls()
+    LocalText, LocalTextConfig, _ = _local_text_builder_cls()
     stamp = json.dumps([[os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
                        + [data_config.validation_percent, data_config.passage_chars])
     fingerprint = hashlib.sha256(stamp.encode()).hexdigest()[:12]
@@ -243,6 +291,9 @@ def load_text_split(data_config, split: str, data_dir: str) -> TextSplit:
       doc_ends[j] = not (docs[a] == docs[b] and parts[b] == parts[a] + 1)
     return TextSplit(split, fingerprint, source, order, doc_ends, "text")
 
+  if data_config.source == "text8":
+    return _text8_split(data_config, split, data_dir)
+
   name = data_config.tfds_name
   base = name.split("/")[0].split(":")[0]
   known = tfds.list_builders(with_community_datasets=False)
@@ -260,6 +311,37 @@ def load_text_split(data_config, split: str, data_dir: str) -> TextSplit:
   fingerprint = hashlib.sha256(f"{builder.info.full_name}:{split}".encode()).hexdigest()[:12]
   return TextSplit(split, fingerprint, source, np.arange(n), np.ones(n, dtype=bool),
                    data_config.text_key)
+
+
+def _text8_split(data_config, split: str, data_dir: str) -> TextSplit:
+  """text8 through the Text8 tfds builder: a local copy (data.path) or the public archive."""
+  _, _, Text8 = _local_text_builder_cls()
+  if split not in TEXT8_SPLITS:
+    raise UserError(f"split {split!r} of text8; allowed: {', '.join(TEXT8_SPLITS)}")
+  archive = data_config.path
+  if archive and not os.path.exists(archive):
+    raise UserError(f"text8 path {archive!r} does not exist; allowed: the text8 file or text8.zip")
+  # A local copy gets its own prepared dataset (keyed by its path and size), the download another.
+  stamp = f"{os.path.abspath(archive)}:{os.path.getsize(archive)}" if archive else TEXT8_URL
+  subdir = os.path.join(data_dir, "text8-" + hashlib.sha256(stamp.encode()).hexdigest()[:12])
+  builder = Text8(archive=archive, data_dir=subdir, file_format="array_record")
+  try:
+    _prepare(builder, subdir)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if archive:
+      raise
+    raise UserError(f"text8 could not be downloaded from {TEXT8_URL} ({type(e).__name__}); offline, give a "
+                    "local copy: --config.data.path=/path/to/text8.zip") from None
+  source = builder.as_data_source(split=split)
+  n = len(source)
+  parts = [int(source[i]["part"]) for i in range(n)]
+  order = np.array(sorted(range(n), key=lambda i: parts[i]), dtype=np.int64)
+  doc_ends = np.zeros(n, dtype=bool)
+  doc_ends[-1] = True  # each split is one continuous stretch of text
+  fingerprint = hashlib.sha256(f"text8:{stamp}:{split}".encode()).hexdigest()[:12]
+  return TextSplit(split, fingerprint, source, order, doc_ends, "text")
 
 
 def _prepare(builder, data_dir: str):

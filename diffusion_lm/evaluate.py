@@ -7,6 +7,7 @@ token) and bits_per_char, from a fixed seed; the line is also appended to WORKDI
 """
 
 import json
+import math
 import os
 import sys
 
@@ -21,6 +22,12 @@ flags.DEFINE_string("split", None, "Split to evaluate (default: the config's dat
 flags.DEFINE_integer("max_batches", None, "Cap on batches (default: the config's; 0 = whole split).")
 flags.DEFINE_integer("num_t_samples", None, "Stratified time draws per sequence (default: the config's).")
 flags.DEFINE_integer("seed", None, "Evaluation seed (default: the config's evaluation.seed).")
+flags.DEFINE_integer("discrete_steps", None, "Also report the exact T-step discrete bound for this T (0 = off).")
+flags.DEFINE_string("judge_workdir", None, "AR checkpoint scoring generated samples (generative perplexity).")
+flags.DEFINE_integer("num_gen_samples", 0, "Samples to generate for generative perplexity and entropy (0 = none).")
+flags.DEFINE_string("sampler", None, "Sampler for the generated samples (default: the config's).")
+flags.DEFINE_integer("gen_steps", None, "Denoising steps for the generated samples (default: the config's).")
+flags.DEFINE_integer("gen_seed", 0, "Seed of the generated samples.")
 flags.DEFINE_bool("raw_params", False, "Evaluate the raw parameters instead of the EMA parameters.")
 flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
 
@@ -36,29 +43,64 @@ def main(argv):
   config = trained.config
   split = FLAGS.split or config.data.eval_split
   eval_config = config.evaluation
-  for name in ("max_batches", "num_t_samples", "seed"):
+  for name in ("max_batches", "num_t_samples", "seed", "discrete_steps"):
     if getattr(FLAGS, name) is not None:
       eval_config[name] = getattr(FLAGS, name)
   windows, tokenized = experiment.load_windows(config, FLAGS.workdir, trained.tokenizer, split)
   evaluator = experiment.Evaluator(trained.model, trained.schedule, trained.tokenizer.mask_id, trained.mesh,
-                                   trained.param_shardings, eval_config)
+                                   trained.param_shardings, eval_config, config.objective,
+                                   trained.tokenizer.eos_id)
   result = evaluator(trained.params, windows, tokenized.chars_per_token)
   record = {
       **result,
       "split": split,
       "checkpoint_step": trained.step,
       "params": "raw" if FLAGS.raw_params else "ema",
-      "bound": "continuous-time ELBO",
+      "objective": config.objective,
+      "bound": "exact" if config.objective == "ar" else "continuous-time ELBO",
       "schedule": trained.schedule.bound_schedule.name,
       "num_t_samples": eval_config.num_t_samples,
       "seed": eval_config.seed,
   }
+  if FLAGS.judge_workdir and not FLAGS.num_gen_samples:
+    raise UserError("--judge_workdir needs --num_gen_samples=N (N >= 1) samples to score")
+  if FLAGS.num_gen_samples:
+    record.update(_generated_sample_metrics(trained, config, split))
   line = json.dumps(record)
   if jax.process_index() == 0:
     with open(os.path.join(FLAGS.workdir, "eval.jsonl"), "a", encoding="utf-8") as f:
       f.write(line + "\n")
     print(line, flush=True)
   sys.stdout.flush()
+
+
+def _generated_sample_metrics(trained, config, split) -> dict:
+  """Unigram entropy of N samples and, with a judge, their generative perplexity under it."""
+  from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
+  from diffusion_lm.generation import Generator, sampler_config  # pylint: disable=g-import-not-at-top
+  del split
+  cfg = sampler_config(config.sampling, name=FLAGS.sampler, steps=FLAGS.gen_steps)
+  generator = Generator(trained.model, trained.schedule, trained.tokenizer, trained.mesh,
+                        trained.param_shardings, cfg)
+  template = generator.template(config.data.seq_len, FLAGS.num_gen_samples)
+  samples = generator(trained.params, template, FLAGS.gen_seed).tokens
+  out = {
+      "num_gen_samples": FLAGS.num_gen_samples,
+      "sampler": "ar" if trained.model.config.causal else cfg.name,
+      "gen_steps": config.data.seq_len if trained.model.config.causal else cfg.steps,
+      "gen_seed": FLAGS.gen_seed,
+      "sample_entropy_bits": experiment.unigram_entropy_bits(samples),
+  }
+  if FLAGS.judge_workdir:
+    judge = experiment.load_trained(FLAGS.judge_workdir)
+    if judge.tokenizer.fingerprint() != trained.tokenizer.fingerprint():
+      raise UserError(f"judge {FLAGS.judge_workdir!r} has another vocabulary ({judge.tokenizer.kind}, "
+                      f"{judge.tokenizer.vocab_size} tokens) than the model ({trained.tokenizer.kind}, "
+                      f"{trained.tokenizer.vocab_size} tokens); allowed: a judge trained with the same tokenizer")
+    nll = experiment.ar_scorer(judge)(samples)
+    out.update({"gen_perplexity": math.exp(nll), "gen_nll_per_token": nll, "judge_workdir": FLAGS.judge_workdir,
+                "judge_step": judge.step})
+  return out
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from diffusion_lm import checkpointing, data, diffusion, sharding, tokenizers
+from diffusion_lm import autoregressive, checkpointing, data, diffusion, sharding, tokenizers
 from diffusion_lm.errors import UserError
 from diffusion_lm.model import ModelConfig, Transformer
 from diffusion_lm.schedules import Schedule
@@ -30,8 +30,13 @@ from diffusion_lm.schedules import Schedule
 # ----------------------------------------------------------------------------- config checks
 
 
+OBJECTIVES = ("diffusion", "ar")
+
+
 def check_config(config) -> None:
   """Validates the fields that are easy to get wrong, each with a one-line error."""
+  if config.objective not in OBJECTIVES:
+    raise UserError(f"objective={config.objective!r}; allowed: {', '.join(OBJECTIVES)}")
   t = config.training
   for name in ("batch_size", "num_steps", "log_every", "eval_every", "sample_every", "checkpoint_every",
                "keep_checkpoints"):
@@ -103,7 +108,8 @@ def load_windows(config, workdir: str, tokenizer, split: str):
 
 
 def model_config(config, vocab_size: int) -> ModelConfig:
-  return ModelConfig(vocab_size=vocab_size, **config.model)
+  """The denoiser's shape; the autoregressive baseline is the same network with causal attention."""
+  return ModelConfig(vocab_size=vocab_size, causal=config.objective == "ar", **config.model)
 
 
 @flax.struct.dataclass
@@ -164,17 +170,28 @@ def param_count(params) -> int:
 # ----------------------------------------------------------------------------- steps
 
 
-def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_id, ema_decay):
-  """One optimizer step on the diffusion loss; a non-finite loss or gradient leaves state unchanged."""
+def sequence_loss(params, tokens_BxL, key, *, model, schedule, mask_id, objective="diffusion", bos_id=0):
+  """Per-sequence loss in nats (diffusion: negative ELBO estimate; ar: exact NLL) and the mask count."""
+  if objective == "ar":
+    nll = autoregressive.next_token_nll(lambda x: model.apply({"params": params}, x), tokens_BxL, bos_id)
+    return nll, jnp.zeros_like(nll)
+  denoiser = lambda x, t: model.apply({"params": params}, x, t)
+  out = diffusion.diffusion_loss(denoiser, tokens_BxL, key, schedule, mask_id)
+  return out["nelbo"], out["num_masked"]
+
+
+def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_id, ema_decay,
+               objective="diffusion", bos_id=0):
+  """One optimizer step; a non-finite loss or gradient leaves the state unchanged."""
   step_key = jax.random.fold_in(key, state.step)
   seq_len = tokens_BxL.shape[1]
 
   def loss_fn(params):
-    denoiser = lambda x, t: model.apply({"params": params}, x, t)
-    out = diffusion.diffusion_loss(denoiser, tokens_BxL, step_key, schedule, mask_id)
-    return jnp.mean(out["nelbo"]) / seq_len, out
+    loss_B, masked_B = sequence_loss(params, tokens_BxL, step_key, model=model, schedule=schedule,
+                                     mask_id=mask_id, objective=objective, bos_id=bos_id)
+    return jnp.mean(loss_B) / seq_len, masked_B
 
-  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, masked_B), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -183,44 +200,61 @@ def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_
   new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   metrics = {
-      "loss": loss,  # nats per token (negative ELBO estimate)
+      "loss": loss,  # nats per token (diffusion: negative ELBO estimate; ar: exact)
       "bits_per_token": diffusion.nats_to_bits(loss),
       "grad_norm": grad_norm,
       "param_norm": optax.tree.norm(state.params),
-      "mask_rate": jnp.mean(out["num_masked"]) / seq_len,
+      "mask_rate": jnp.mean(masked_B) / seq_len,
       "finite": finite.astype(jnp.float32),
   }
   return new_state, metrics
 
 
-def eval_step(params, tokens_BxL, valid_B, key, *, model, schedule, mask_id, num_t_samples):
-  """Summed negative ELBO (nats) of the valid rows and their token count.
+def eval_step(params, tokens_BxL, valid_B, key, *, model, schedule, mask_id, num_t_samples,
+              objective="diffusion", bos_id=0, discrete_steps=0):
+  """Summed bounds (nats) over the valid rows, and their token count.
 
-  Times are stratified: the k-th of n draws for a row is t = (k + u) / n with one uniform u per row,
-  an unbiased low-variance estimate of the integral over t.
+  Returns {"nats": continuous-time negative ELBO (ar: exact NLL), "nats_discrete": the T-step bound
+  (when discrete_steps > 0), "tokens": count}. Time draws are stratified: the k-th of n draws for a
+  row is at (k + u) / n with one uniform u per row, an unbiased low-variance estimate.
   """
   batch_size, seq_len = tokens_BxL.shape
+  valid = valid_B.astype(jnp.float32)
+  count = jnp.sum(valid) * seq_len
+  if objective == "ar":
+    nll_B = autoregressive.next_token_nll(lambda x: model.apply({"params": params}, x), tokens_BxL, bos_id)
+    return {"nats": jnp.sum(nll_B * valid), "tokens": count}
   schedule = schedule.bound_schedule
   denoiser = lambda x, t: model.apply({"params": params}, x, t)
-  time_key, mask_key = jax.random.split(key)
+  time_key, mask_key, discrete_key = jax.random.split(key, 3)
   u_B = jax.random.uniform(time_key, (batch_size,))
 
-  def body(k, total_B):
+  def body(k, totals):
     grid_B = (k + u_B) / num_t_samples
     t_B = diffusion.T_MIN + (1.0 - diffusion.T_MIN) * grid_B
-    out = diffusion.diffusion_loss(denoiser, tokens_BxL, jax.random.fold_in(mask_key, k), schedule, mask_id,
-                                   t_B=t_B)
-    return total_B + out["nelbo"]
+    cont = diffusion.diffusion_loss(denoiser, tokens_BxL, jax.random.fold_in(mask_key, k), schedule,
+                                    mask_id, t_B=t_B)["nelbo"]
+    if not discrete_steps:
+      return totals[0] + cont, totals[1]
+    disc = diffusion.discrete_loss(denoiser, tokens_BxL, jax.random.fold_in(discrete_key, k), schedule,
+                                   mask_id, discrete_steps, u_B=grid_B)["nelbo"]
+    return totals[0] + cont, totals[1] + disc
 
-  nelbo_B = jax.lax.fori_loop(0, num_t_samples, body, jnp.zeros((batch_size,), jnp.float32)) / num_t_samples
-  valid = valid_B.astype(jnp.float32)
-  return jnp.sum(nelbo_B * valid), jnp.sum(valid) * seq_len
+  zeros = jnp.zeros((batch_size,), jnp.float32)
+  cont_B, disc_B = jax.lax.fori_loop(0, num_t_samples, body, (zeros, zeros))
+  out = {"nats": jnp.sum(cont_B * valid) / num_t_samples, "tokens": count}
+  if discrete_steps:
+    out["nats_discrete"] = jnp.sum(disc_B * valid) / num_t_samples
+  return out
 
 
 class Evaluator:
   """ELBO on a split: nats and bits per token, perplexity bound, bits per character."""
 
-  def __init__(self, model, schedule, mask_id, mesh, param_shardings, eval_config):
+  def __init__(self, model, schedule, mask_id, mesh, param_shardings, eval_config, objective="diffusion",
+               bos_id=0):
+    self.objective = objective
+    self.discrete_steps = 0 if objective == "ar" else int(eval_config.get("discrete_steps", 0))
     if eval_config.batch_size % sharding.data_parallel_size(mesh):
       raise UserError(f"evaluation.batch_size={eval_config.batch_size} is not divisible by the data-parallel"
                       f" size {sharding.data_parallel_size(mesh)}")
@@ -230,14 +264,15 @@ class Evaluator:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self._step = jax.jit(
         functools.partial(eval_step, model=model, schedule=schedule, mask_id=mask_id,
-                          num_t_samples=eval_config.num_t_samples),
+                          num_t_samples=eval_config.num_t_samples, objective=objective, bos_id=bos_id,
+                          discrete_steps=self.discrete_steps),
         in_shardings=(param_shardings, sharding.batch_sharding(mesh), sharding.batch_sharding(mesh), replicated),
-        out_shardings=(replicated, replicated))
+        out_shardings=replicated)
 
   def __call__(self, params, windows, chars_per_token: float, max_batches: int | None = None) -> dict:
     cfg = self.config
     key = jax.random.key(cfg.seed)
-    total_nats, total_tokens = 0.0, 0.0
+    totals = {}
     max_batches = cfg.max_batches if max_batches is None else max_batches
     per_process = cfg.batch_size // jax.process_count()
     lo = jax.process_index() * per_process
@@ -245,18 +280,22 @@ class Evaluator:
       for i, (rows, valid) in enumerate(data.eval_batches(windows, cfg.batch_size, max_batches)):
         tokens = sharding.global_batch_from_local(rows[lo:lo + per_process], self.mesh)
         valid = sharding.global_batch_from_local(valid[lo:lo + per_process], self.mesh)
-        nats, count = self._step(params, tokens, valid, jax.random.fold_in(key, i))
-        total_nats += float(nats)
-        total_tokens += float(count)
-    nll = total_nats / total_tokens
-    bits = nll / math.log(2.0)
-    return {
-        "nll_per_token": nll,
-        "bits_per_token": bits,
-        "perplexity": math.exp(nll),
-        "bits_per_char": bits / chars_per_token,
-        "num_tokens": int(total_tokens),
-    }
+        for name, value in jax.device_get(self._step(params, tokens, valid, jax.random.fold_in(key, i))).items():
+          totals[name] = totals.get(name, 0.0) + float(value)
+    result = _per_token(totals["nats"], totals["tokens"], chars_per_token)
+    result["num_tokens"] = int(totals["tokens"])
+    if self.discrete_steps:
+      result.update({f"{k}_discrete": v for k, v in
+                     _per_token(totals["nats_discrete"], totals["tokens"], chars_per_token).items()})
+      result["discrete_steps"] = self.discrete_steps
+    return result
+
+
+def _per_token(nats: float, tokens: float, chars_per_token: float) -> dict:
+  nll = nats / tokens
+  bits = nll / math.log(2.0)
+  return {"nll_per_token": nll, "bits_per_token": bits, "perplexity": math.exp(nll),
+          "bits_per_char": bits / chars_per_token}
 
 
 def config_to_dict(config) -> dict:
@@ -264,12 +303,16 @@ def config_to_dict(config) -> dict:
 
 
 def config_from_dict(payload: dict):
+  payload = {"objective": "diffusion", **payload}  # checkpoints from before the AR baseline
+  payload.pop("vocab_size", None)
   return ml_collections.ConfigDict(payload)
 
 
 def describe_mismatch(saved: dict, config, vocab_size: int) -> str | None:
   """Names the first model/vocabulary difference between a saved config and the current one."""
   current = config_to_dict(config)
+  if saved.get("objective", "diffusion") != current["objective"]:
+    return f"objective={saved.get('objective', 'diffusion')!r} in the checkpoint, {current['objective']!r} requested"
   for key in sorted(set(saved.get("model", {})) | set(current["model"])):
     a, b = saved.get("model", {}).get(key), current["model"].get(key)
     if a != b:
@@ -322,3 +365,41 @@ def load_trained(workdir: str, use_ema: bool = True, mesh_config=None) -> Traine
   params = state.ema_params if use_ema else state.params
   return Trained(config, tokenizer, model, schedule_from_config(config), mesh, params,
                  shardings.params, step)
+
+
+def ar_scorer(trained: "Trained"):
+  """Returns score(tokens int32[N, L]) -> mean NLL per token (nats) under an AR checkpoint (a judge)."""
+  if not trained.model.config.causal:
+    raise UserError("the judge holds a diffusion model; allowed: an autoregressive checkpoint "
+                    "(trained with objective='ar', e.g. configs/demo_ar.py)")
+  mesh, batch = trained.mesh, sharding.batch_sharding(trained.mesh)
+  bos = trained.tokenizer.eos_id
+
+  @functools.partial(jax.jit, in_shardings=(trained.param_shardings, batch, batch))
+  def nll_sum(params, tokens_BxL, valid_B):
+    nll_B = autoregressive.next_token_nll(lambda x: trained.model.apply({"params": params}, x), tokens_BxL, bos)
+    return jnp.sum(nll_B * valid_B)
+
+  def score(tokens_NxL: np.ndarray) -> float:
+    dp = sharding.data_parallel_size(mesh)
+    n = tokens_NxL.shape[0]
+    padded = -(-n // dp) * dp
+    tokens = np.concatenate([tokens_NxL, np.repeat(tokens_NxL[:1], padded - n, axis=0)]).astype(np.int32)
+    valid = (np.arange(padded) < n).astype(np.float32)
+    put = lambda x: jax.make_array_from_callback(x.shape, batch, lambda idx: x[idx])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      total = float(nll_sum(trained.params, put(tokens), put(valid)))
+    return total / (n * tokens_NxL.shape[1])
+
+  return score
+
+
+def unigram_entropy_bits(tokens: np.ndarray, ignore=()) -> float:
+  """Entropy (bits) of the token frequencies in `tokens`: low for degenerate, repetitive samples."""
+  flat = np.asarray(tokens).ravel()
+  flat = flat[~np.isin(flat, list(ignore))] if ignore else flat
+  if flat.size == 0:
+    return 0.0
+  counts = np.bincount(flat).astype(np.float64)
+  p = counts[counts > 0] / flat.size
+  return float(-(p * np.log2(p)).sum())

@@ -73,11 +73,12 @@ class RMSNorm(nn.Module):
     return (x * scale).astype(self.dtype)
 
 
-def apply_rope(x_BxLxHxD, base: float):
-  """Rotary position embedding on the last axis (pairs (i, i + D/2))."""
+def apply_rope(x_BxLxHxD, base: float, offset=0):
+  """Rotary position embedding on the last axis (pairs (i, i + D/2)); positions start at `offset`."""
   length, head_dim = x_BxLxHxD.shape[1], x_BxLxHxD.shape[-1]
   inv_freq = 1.0 / base**(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angles_LxD2 = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  positions = offset + jnp.arange(length, dtype=jnp.float32)
+  angles_LxD2 = positions[:, None] * inv_freq[None, :]
   sin = jnp.sin(angles_LxD2)[None, :, None, :]
   cos = jnp.cos(angles_LxD2)[None, :, None, :]
   x1, x2 = jnp.split(x_BxLxHxD.astype(jnp.float32), 2, axis=-1)
@@ -97,7 +98,7 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, cond_BxD):
+  def __call__(self, x_BxLxD, cond_BxD, decode: bool = False):
     cfg = self.config
     dtype = DTYPES[cfg.dtype]
     if cond_BxD is not None:
@@ -115,8 +116,11 @@ class Block(nn.Module):
     shape = (cfg.d_model, cfg.num_heads, cfg.head_dim)
     q, k, v = (jnp.einsum("bld,dhk->blhk", h, self.param(name, init, shape).astype(dtype))
                for name in ("query", "key", "value"))
-    q, k = apply_rope(q, cfg.rope_base), apply_rope(k, cfg.rope_base)
-    attn = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal)
+    if decode:
+      attn = self._cached_attention(q, k, v)
+    else:
+      q, k = apply_rope(q, cfg.rope_base), apply_rope(k, cfg.rope_base)
+      attn = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal)
     w_out = self.param("out", _dense_init(("heads", "kv", "embed")), (cfg.num_heads, cfg.head_dim, cfg.d_model))
     attn = jnp.einsum("blhk,hkd->bld", attn, w_out.astype(dtype))
     x_BxLxD = x_BxLxD + attn * (1 + gate1)
@@ -133,6 +137,32 @@ class Block(nn.Module):
     x_BxLxD = x_BxLxD + h * (1 + gate2)
     return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
 
+  def _cached_attention(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD):
+    """Causal attention with a key/value cache ("cache" collection): one new position per call.
+
+    The first call (the cache does not exist yet) only creates the cache; each later call appends
+    its key/value at the cache index and attends over every position up to it.
+    """
+    cfg = self.config
+    batch, length = q_BxLxHxD.shape[:2]
+    exists = self.has_variable("cache", "key")
+    shape = (batch, cfg.max_len, cfg.num_heads, cfg.head_dim)
+    cached_k = self.variable("cache", "key", jnp.zeros, shape, k_BxLxHxD.dtype)
+    cached_v = self.variable("cache", "value", jnp.zeros, shape, v_BxLxHxD.dtype)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if not exists:
+      return jnp.zeros_like(q_BxLxHxD)
+    if length != 1:
+      raise UserError(f"cached decoding takes one position per call, got {length}")
+    pos = index.value
+    q = apply_rope(q_BxLxHxD, cfg.rope_base, offset=pos)
+    k = apply_rope(k_BxLxHxD, cfg.rope_base, offset=pos)
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, pos, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxLxHxD, (0, pos, 0, 0))
+    index.value = pos + 1
+    visible = (jnp.arange(cfg.max_len) <= pos)[None, None, None, :]
+    return jax.nn.dot_product_attention(q, cached_k.value, cached_v.value, mask=visible)
+
 
 class Transformer(nn.Module):
   """tokens_BxL int32 in [0, vocab_size] (+ t_B float32) -> logits_BxLxV float32."""
@@ -140,8 +170,11 @@ class Transformer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, t_B=None):
+  def __call__(self, tokens_BxL, t_B=None, decode: bool = False):
+    """decode=True (causal models): one position per call through the "cache" collection."""
     cfg = self.config
+    if decode and not cfg.causal:
+      raise UserError("cached decoding needs a causal model (objective='ar')")
     dtype = DTYPES[cfg.dtype]
     if tokens_BxL.shape[1] > cfg.max_len:
       raise UserError(f"sequence length {tokens_BxL.shape[1]} exceeds model.max_len={cfg.max_len}")
@@ -162,9 +195,9 @@ class Transformer(nn.Module):
                       kernel_init=_dense_init(("mlp", "embed")))(nn.silu(cond))
       cond = nn.silu(cond)
 
-    block = nn.remat(Block) if cfg.remat else Block
+    block = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
     for i in range(cfg.num_layers):
-      x = block(cfg, name=f"block_{i}")(x, cond)
+      x = block(cfg, name=f"block_{i}")(x, cond, decode)
     x = RMSNorm(dtype, name="final_norm")(x)
     logits = nn.Dense(cfg.padded_vocab, dtype=dtype, use_bias=False, name="head",
                       kernel_init=_dense_init(("embed", "vocab")))(x)

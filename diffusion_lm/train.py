@@ -105,11 +105,12 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   replicated = NamedSharding(mesh, P())
   step_fn = jax.jit(
       functools.partial(experiment.train_step, model=model, tx=tx, schedule=schedule,
-                        mask_id=tokenizer.mask_id, ema_decay=config.optimizer.ema_decay),
+                        mask_id=tokenizer.mask_id, ema_decay=config.optimizer.ema_decay,
+                        objective=config.objective, bos_id=tokenizer.eos_id),
       in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
       out_shardings=(shardings, replicated), donate_argnums=0)
   evaluator = experiment.Evaluator(model, schedule, tokenizer.mask_id, mesh, shardings.params,
-                                   config.evaluation)
+                                   config.evaluation, config.objective, tokenizer.eos_id)
   generator = None
   if t.sample_every:
     generator = Generator(model, schedule, tokenizer, mesh, shardings.params,
@@ -218,6 +219,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizer, logs and samples.")
 flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
+flags.DEFINE_bool("distributed", False, "Multi-host: jax.distributed.initialize() with no arguments (TPU pods).")
+flags.DEFINE_string("coordinator_address", "", "Multi-process: coordinator host:port (e.g. 127.0.0.1:12345).")
+flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index.")
 
 
 @cli_main
@@ -229,6 +234,8 @@ def main(argv):
   if not FLAGS.workdir:
     raise UserError("--workdir is required, e.g. --workdir=runs/demo")
   logging.getLogger("absl").setLevel(logging.WARNING)
+  from diffusion_lm import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
     final = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except FloatingPointError as e:

@@ -132,3 +132,37 @@ def test_unknown_source_and_short_corpus(tmp_path):
     data.load_text_split(_data_config(source="hub"), "train", str(tmp_path))
   with pytest.raises(UserError, match="fewer than one sequence"):
     data.Windows(np.arange(5, dtype=np.int32), 8)
+
+
+def _text8_fixture(tmp_path, chars=200_000):
+  import zipfile
+  text = data.read_text_file(os.path.join(os.path.dirname(data.__file__), "corpora", "shakespeare",
+                                          "hamlet.txt.xz")).lower()
+  clean = "".join(c if "a" <= c <= "z" else " " for c in text)
+  clean = " ".join(clean.split())[:chars]
+  path = tmp_path / "text8.zip"
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("text8", clean)
+  return str(path), clean
+
+
+def test_text8_standard_split_from_a_local_archive(tmp_path):
+  path, text = _text8_fixture(tmp_path)
+  cfg = _data_config(source="text8", path=path)
+  splits = {s: "".join(data.load_text_split(cfg, s, str(tmp_path / "d")).texts())
+            for s in ("train", "validation", "test")}
+  n = len(text)
+  assert splits["train"] == text[:int(0.9 * n)]
+  assert splits["validation"] == text[int(0.9 * n):int(0.95 * n)]
+  assert splits["train"] + splits["validation"] + splits["test"] == text
+
+
+def test_text8_bad_inputs(tmp_path):
+  with pytest.raises(UserError, match="text8 path .* does not exist"):
+    data.load_text_split(_data_config(source="text8", path=str(tmp_path / "none.zip")), "train", str(tmp_path))
+  bad = tmp_path / "text8"
+  bad.write_text("Hello, World")
+  with pytest.raises(UserError, match="outside a-z and space"):
+    data.load_text_split(_data_config(source="text8", path=str(bad)), "train", str(tmp_path / "d2"))
+  with pytest.raises(UserError, match="split 'dev' of text8; allowed: train, validation, test"):
+    data.load_text_split(_data_config(source="text8", path=str(bad)), "dev", str(tmp_path / "d3"))

@@ -57,4 +57,4 @@ def test_every_strategy_with_infill(trained, cfg):
   assert all(text.startswith("To be, ") and "the question." in text for text in gen.decode(out.tokens))
   assert out.trajectory.shape[1:] == template.shape
   gen(params, template, seed=1)
-  assert gen._run._cache_size() == 1  # the second call reused the compiled sampler
+  assert gen.num_compiles == 1  # the second call reused the compiled sampler

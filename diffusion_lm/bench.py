@@ -1,0 +1,310 @@
+"""Benchmarks that print figures (speed is measured here, never asserted in tests).
+
+  # trained diffusion model vs its AR baseline (also the judge of sample quality):
+  python -m diffusion_lm.bench --workdir=runs/demo --ar_workdir=runs/demo_ar --out=runs/bench
+  # sampler timings only, 32 sequences of 256 tokens at T = 32, 64, 256:
+  python -m diffusion_lm.bench --workdir=runs/demo --parts=sampling --batches=32 --seq_len=256
+  # any config with fresh parameters (speed does not depend on training):
+  python -m diffusion_lm.bench --config=configs/demo.py --parts=train,sampling
+
+Parts:
+  train     tokens/s of the train step and model-FLOPs utilisation against this machine's dense
+            matmul peak, measured in the same run (and XLA's own flop count of the step).
+  sampling  for each sampler and step count T, at each batch size: seconds, tokens/s, latency per
+            sequence, compile seconds, denoiser calls, and loop overhead = time / (calls x one
+            forward of the same batch); the KV-cache AR decoder of the equal-size model alongside.
+  quality   generative perplexity of each setting's samples under the AR judge and their unigram
+            entropy, against tokens/s (needs --ar_workdir).
+Writes OUT/bench.json and OUT/bench.png (quality or latency against speed).
+"""
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from diffusion_lm import sampling
+from diffusion_lm.errors import UserError, cli_main
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Trained diffusion workdir (else --config with fresh parameters).")
+flags.DEFINE_string("ar_workdir", None, "Trained AR baseline: timed as the decoder and used as the judge.")
+config_flags.DEFINE_config_file("config", None, "Config whose model to benchmark with fresh parameters.")
+flags.DEFINE_list("parts", ["train", "sampling", "quality"], "Which parts to run.")
+flags.DEFINE_list("batches", ["1", "32"], "Batch sizes for sampling.")
+flags.DEFINE_integer("seq_len", 256, "Tokens per generated sequence.")
+flags.DEFINE_list("steps", ["32", "64", "256"], "Step counts T.")
+flags.DEFINE_list("samplers", list(sampling.SAMPLERS), "Samplers to time.")
+flags.DEFINE_integer("repeats", 1, "Timed runs per setting (after compiling); the minimum is kept.")
+flags.DEFINE_integer("train_steps", 5, "Timed train steps (after one compile step).")
+flags.DEFINE_integer("block_length", 32, "blocks sampler: tokens per block.")
+flags.DEFINE_float("threshold", 0.9, "threshold sampler: confidence threshold.")
+flags.DEFINE_string("out", "", "Folder for bench.json and bench.png (default: no files).")
+flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
+
+
+def _best_time(fn, repeats: int):
+  best, out = float("inf"), None
+  for _ in range(max(repeats, 1)):
+    start = time.perf_counter()
+    out = fn()
+    best = min(best, time.perf_counter() - start)
+  return best, out
+
+
+def peak_rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def matmul_peak_flops(size: int = 2048, dtype="float32") -> float:
+  """Dense matmul FLOP/s of this machine (all devices), measured: the MFU denominator."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a = jnp.ones((size, size), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best, _ = _best_time(lambda: f(a).block_until_ready(), 5)
+  # One device's peak times the device count (simulated CPU devices share the same cores).
+  return 2 * size**3 / best * (jax.device_count() if jax.devices()[0].platform != "cpu" else 1)
+
+
+def model_flops_per_token(model_config, seq_len: int, training: bool = True) -> float:
+  """6N (train) or 2N (forward) per token for the matmul params, plus attention scores/values."""
+  d, layers = model_config.d_model, model_config.num_layers
+  n = layers * (4 * d * d + 3 * d * model_config.mlp_dim) + d * model_config.padded_vocab
+  attention = 2 * 2 * layers * seq_len * d  # QK^T and AV, forward, per token
+  return (3 if training else 1) * (2 * n + attention)
+
+
+def train_row(model, config, tokenizer, mesh, peak: float, steps: int, log=print) -> dict:
+  import functools  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  from diffusion_lm import experiment, sharding  # pylint: disable=g-import-not-at-top
+  tx, _ = experiment.make_optimizer(config)
+  seq_len, batch = config.data.seq_len, config.training.batch_size
+  _, shardings = experiment.state_shardings(model, tx, mesh, seq_len)
+  state = experiment.init_state(model, tx, mesh, jax.random.key(0), seq_len, shardings)
+  step = jax.jit(functools.partial(experiment.train_step, model=model, tx=tx,
+                                   schedule=experiment.schedule_from_config(config), mask_id=tokenizer.mask_id,
+                                   ema_decay=0.999, objective=config.objective, bos_id=tokenizer.eos_id),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh), NamedSharding(mesh, P())),
+                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+  tokens = np.random.default_rng(0).integers(0, tokenizer.vocab_size, (batch, seq_len), dtype=np.int32)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    x = sharding.global_batch_from_local(tokens, mesh)
+    start = time.perf_counter()
+    compiled = step.lower(state, x, jax.random.key(1)).compile()
+    compile_s = time.perf_counter() - start
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else (analysis or {})
+    xla_flops = float(analysis.get("flops", 0.0))
+    state, metrics = compiled(state, x, jax.random.key(1))
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = compiled(state, x, jax.random.key(1))
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / steps
+  tokens_per_s = batch * seq_len / seconds
+  flops_per_token = model_flops_per_token(model.config, seq_len)
+  row = {"part": "train", "objective": config.objective, "batch": batch, "seq_len": seq_len,
+         "step_s": seconds, "tokens_per_sec": tokens_per_s, "compile_s": compile_s,
+         "model_flops_per_token": flops_per_token, "matmul_peak_flops": peak,
+         "mfu": tokens_per_s * flops_per_token / peak,
+         "xla_flops_per_step": xla_flops, "xla_flops_utilisation": xla_flops / seconds / peak if xla_flops else None}
+  log(f"train ({config.objective}): batch {batch} x {seq_len}, {seconds * 1e3:.1f} ms/step, "
+      f"{tokens_per_s:,.0f} tokens/s, MFU {row['mfu']:.1%} of the measured {peak / 1e9:.1f} GFLOP/s "
+      f"matmul peak, compile {compile_s:.1f} s")
+  return row
+
+
+def forward_seconds(model, params, param_shardings, mesh, batch: int, seq_len: int, mask_id: int) -> float:
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from diffusion_lm import sharding  # pylint: disable=g-import-not-at-top
+  dp = sharding.data_parallel_size(mesh)
+  padded = -(-batch // dp) * dp
+  batch_sharding = sharding.batch_sharding(mesh)
+  forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t),
+                    in_shardings=(param_shardings, batch_sharding, batch_sharding))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    x = jax.device_put(np.full((padded, seq_len), mask_id, np.int32), batch_sharding)
+    t = jax.device_put(np.ones((padded,), np.float32), batch_sharding)
+    forward(params, x, t).block_until_ready()
+    best, _ = _best_time(lambda: forward(params, x, t).block_until_ready(), 3)
+  return best
+
+
+def sampling_rows(run, *, batches, seq_len: int, steps_list, samplers, repeats: int, block_length: int,
+                  threshold: float, ar_run=None, judge=None, log=print) -> list[dict]:
+  """Times every (sampler, T, batch) of `run` and the AR decoder of `ar_run`; scores with `judge`."""
+  from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
+  from diffusion_lm.generation import Generator  # pylint: disable=g-import-not-at-top
+  rows = []
+  settings = [(name, steps) for name in samplers for steps in steps_list]
+  if ar_run is not None:
+    settings.append(("ar", seq_len))
+  forward_s = {}
+  for batch in batches:
+    forward_s[batch] = forward_seconds(run.model, run.params, run.param_shardings, run.mesh, batch, seq_len,
+                                       run.tokenizer.mask_id)
+    log(f"one denoiser forward, batch {batch} x {seq_len}: {forward_s[batch] * 1e3:.1f} ms")
+    for name, steps in settings:
+      target = ar_run if name == "ar" else run
+      cfg = sampling.SamplerConfig(name="ancestral" if name == "ar" else name, steps=steps,
+                                   block_length=block_length, threshold=threshold)
+      if name != "ar":
+        try:
+          cfg.check_length(seq_len, seq_len)
+        except UserError as e:
+          log(f"skip {name} T={steps}: {e}")
+          continue
+      gen = Generator(target.model, target.schedule, target.tokenizer, target.mesh, target.param_shardings, cfg)
+      template = gen.template(seq_len, batch)
+      gen(target.params, template, seed=0)  # compile (timed separately) and warm up
+      seconds, out = _best_time(lambda: gen(target.params, template, seed=0), repeats)
+      calls = int(out.num_calls)
+      row = {"part": "sampling", "sampler": name, "steps": steps, "batch": batch, "seq_len": seq_len,
+             "seconds": seconds, "tokens_per_sec": batch * seq_len / seconds,
+             "latency_per_sequence_s": seconds / batch,
+             "compile_s": gen.compile_seconds[template.shape], "denoiser_calls": calls,
+             "forward_s": forward_s[batch],
+             "overhead_vs_T_forwards": seconds / (steps * forward_s[batch]),
+             "overhead_vs_calls": seconds / (max(calls, 1) * forward_s[batch]),
+             "mean_steps_used": float(out.steps_used.mean())}
+      if judge is not None:
+        row["gen_perplexity"] = math.exp(judge(out.tokens))
+      row["sample_entropy_bits"] = experiment.unigram_entropy_bits(out.tokens)
+      rows.append(row)
+      quality = f"  gen ppl {row['gen_perplexity']:8.2f}" if "gen_perplexity" in row else ""
+      log(f"{name:>10} T={steps:<4} B={batch:<3} {seconds:8.3f} s  {row['tokens_per_sec']:9.0f} tok/s  "
+          f"{row['latency_per_sequence_s'] * 1e3:8.1f} ms/seq  compile {row['compile_s']:5.1f} s  "
+          f"calls {calls:4d}  overhead {row['overhead_vs_calls']:.3f}{quality}  "
+          f"entropy {row['sample_entropy_bits']:.2f} bits")
+  return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+  """Quality (or latency) against tokens/s: each diffusion sampler a line over T, AR a star."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  samples = [r for r in rows if r["part"] == "sampling"]
+  if not samples:
+    return
+  quality = all("gen_perplexity" in r for r in samples)
+  metric = "gen_perplexity" if quality else "latency_per_sequence_s"
+  fig, axes = plt.subplots(1, len({r["batch"] for r in samples}), figsize=(12, 5), squeeze=False)
+  for ax, batch in zip(axes[0], sorted({r["batch"] for r in samples})):
+    for name in dict.fromkeys(r["sampler"] for r in samples):
+      pts = sorted((r["tokens_per_sec"], r[metric], r["steps"]) for r in samples
+                   if r["sampler"] == name and r["batch"] == batch)
+      if not pts:
+        continue
+      xs, ys, ts = zip(*pts)
+      ax.plot(xs, ys, "*" if name == "ar" else "o-", label=name, markersize=12 if name == "ar" else 5)
+      for x, y, t in pts:
+        ax.annotate(f"T={t}" if name != "ar" else "AR", (x, y), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens / s")
+    ax.set_ylabel("generative perplexity (AR judge)" if quality else "latency per sequence (s)")
+    ax.set_title(f"batch {batch}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _fresh_run(config):
+  """A Trained-like bundle with fresh parameters and a stand-in vocabulary of the configured size."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from diffusion_lm import experiment, sharding, tokenizers  # pylint: disable=g-import-not-at-top
+  from diffusion_lm.model import Transformer  # pylint: disable=g-import-not-at-top
+  size = config.tokenizer.vocab_size if config.tokenizer.kind == "sentencepiece" else 96
+  tokenizer = tokenizers.CharTokenizer([chr(0x100 + i) for i in range(size - 1)])
+  mesh = sharding.make_mesh(config.mesh)
+  model = Transformer(experiment.model_config(config, tokenizer.vocab_size))
+  tx, _ = experiment.make_optimizer(config)
+  _, shardings = experiment.state_shardings(model, tx, mesh, config.data.seq_len)
+  state = experiment.init_state(model, tx, mesh, jax.random.key(0), config.data.seq_len, shardings)
+  return experiment.Trained(config, tokenizer, model, experiment.schedule_from_config(config), mesh,
+                            state.params, shardings.params, 0)
+
+
+@cli_main
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}; allowed: flags only")
+  import jax  # pylint: disable=g-import-not-at-top
+  from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
+  try:
+    steps_list = [int(s) for s in FLAGS.steps]
+    batches = [int(b) for b in FLAGS.batches]
+  except ValueError:
+    raise UserError(f"--steps={','.join(FLAGS.steps)} --batches={','.join(FLAGS.batches)}; allowed: "
+                    "comma-separated integers") from None
+  for name in FLAGS.samplers:
+    if name not in sampling.SAMPLERS:
+      raise UserError(f"--samplers includes {name!r}; allowed: {', '.join(sampling.SAMPLERS)}")
+  for part in FLAGS.parts:
+    if part not in ("train", "sampling", "quality"):
+      raise UserError(f"--parts includes {part!r}; allowed: train, sampling, quality")
+  if FLAGS.workdir:
+    run, source = experiment.load_trained(FLAGS.workdir), FLAGS.workdir
+  elif FLAGS.config is not None:
+    run, source = _fresh_run(FLAGS.config), "fresh parameters"
+  else:
+    raise UserError("give --workdir=DIR (a trained run) or --config=FILE (fresh parameters)")
+  if run.model.config.causal:
+    raise UserError("--workdir holds an AR model; give the diffusion model as --workdir and the AR one as "
+                    "--ar_workdir")
+  ar_run = experiment.load_trained(FLAGS.ar_workdir) if FLAGS.ar_workdir else None
+  judge = None
+  if "quality" in FLAGS.parts and ar_run is not None:
+    if ar_run.tokenizer.fingerprint() != run.tokenizer.fingerprint():
+      raise UserError(f"--ar_workdir {FLAGS.ar_workdir!r} has another vocabulary than --workdir; allowed: "
+                      "an AR baseline trained with the same tokenizer")
+    judge = experiment.ar_scorer(ar_run)
+  if FLAGS.seq_len > run.model.config.max_len:
+    raise UserError(f"--seq_len={FLAGS.seq_len}; allowed: at most the model's max_len={run.model.config.max_len}")
+  log = lambda m: print(m, flush=True)
+  log(f"# benchmark: {source}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
+      f"{experiment.param_count(run.params):,} parameters, vocab {run.tokenizer.vocab_size}")
+  peak = matmul_peak_flops()
+  log(f"dense matmul peak (2048^3 float32, measured): {peak / 1e9:.1f} GFLOP/s")
+  rows = [{"part": "machine", "matmul_peak_flops": peak, "devices": jax.device_count(),
+           "platform": jax.devices()[0].platform}]
+  if "train" in FLAGS.parts:
+    rows.append(train_row(run.model, run.config, run.tokenizer, run.mesh, peak, FLAGS.train_steps, log))
+    if ar_run is not None:
+      rows.append(train_row(ar_run.model, ar_run.config, ar_run.tokenizer, ar_run.mesh, peak, FLAGS.train_steps, log))
+  if "sampling" in FLAGS.parts or "quality" in FLAGS.parts:
+    rows += sampling_rows(run, batches=batches, seq_len=FLAGS.seq_len, steps_list=steps_list,
+                          samplers=FLAGS.samplers, repeats=FLAGS.repeats, block_length=FLAGS.block_length,
+                          threshold=FLAGS.threshold, ar_run=ar_run, judge=judge, log=log)
+  rows.append({"part": "memory", "peak_rss_gib": peak_rss_gib()})
+  log(f"peak host memory (RSS): {peak_rss_gib():.2f} GiB")
+  if FLAGS.out:
+    os.makedirs(FLAGS.out, exist_ok=True)
+    with open(os.path.join(FLAGS.out, "bench.json"), "w", encoding="utf-8") as f:
+      json.dump(rows, f, indent=1)
+    plot(rows, os.path.join(FLAGS.out, "bench.png"))
+    log(f"wrote {os.path.join(FLAGS.out, 'bench.json')} and bench.png")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)
