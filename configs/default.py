@@ -66,6 +66,7 @@ def get_config(arg=None):
   tr.sample_every = 1000  # steps between printed samples (and at the end; 0: never)
   tr.checkpoint_every = 500  # steps between checkpoints (and always at the end / on SIGTERM)
   tr.keep_checkpoints = 3  # newest checkpoints kept
+  tr.on_nonfinite = "stop"  # a NaN/inf loss or gradient: stop (naming the last good checkpoint) | skip the update
 
   config.evaluation = ev = ml_collections.ConfigDict()
   ev.batch_size = 64  # sequences per evaluation batch

@@ -1,7 +1,7 @@
 """text8, character level, in MD4's setting: 12 layers x 768, sequences of 256, bits per character.
 
 Sized for a TPU v5e 4x4 slice (16 chips, global batch 512):
-  python -m diffusion_lm.train --config=configs/text8.py --workdir=gs://BUCKET/runs/text8
+  python -m diffusion_lm.train --config=configs/text8.py --workdir=/gcs/BUCKET/runs/text8
 Offline, point at a local copy: --config.data.path=/path/to/text8.zip
 """
 

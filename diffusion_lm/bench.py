@@ -29,23 +29,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diffusion_lm import sampling
-from diffusion_lm.errors import UserError, cli_main
+from diffusion_lm.errors import UserError, cli_main, parse_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Trained diffusion workdir (else --config with fresh parameters).")
-flags.DEFINE_string("ar_workdir", None, "Trained AR baseline: timed as the decoder and used as the judge.")
-config_flags.DEFINE_config_file("config", None, "Config whose model to benchmark with fresh parameters.")
-flags.DEFINE_list("parts", ["train", "sampling", "quality"], "Which parts to run.")
-flags.DEFINE_list("batches", ["1", "32"], "Batch sizes for sampling.")
-flags.DEFINE_integer("seq_len", 256, "Tokens per generated sequence.")
-flags.DEFINE_list("steps", ["32", "64", "256"], "Step counts T.")
-flags.DEFINE_list("samplers", list(sampling.SAMPLERS), "Samplers to time.")
-flags.DEFINE_integer("repeats", 1, "Timed runs per setting (after compiling); the minimum is kept.")
-flags.DEFINE_integer("train_steps", 5, "Timed train steps (after one compile step).")
-flags.DEFINE_integer("block_length", 32, "blocks sampler: tokens per block.")
-flags.DEFINE_float("threshold", 0.9, "threshold sampler: confidence threshold.")
-flags.DEFINE_string("out", "", "Folder for bench.json and bench.png (default: no files).")
-flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
 
 
 def _best_time(fn, repeats: int):
@@ -71,14 +57,6 @@ def matmul_peak_flops(size: int = 2048, dtype="float32") -> float:
   best, _ = _best_time(lambda: f(a).block_until_ready(), 5)
   # One device's peak times the device count (simulated CPU devices share the same cores).
   return 2 * size**3 / best * (jax.device_count() if jax.devices()[0].platform != "cpu" else 1)
-
-
-def model_flops_per_token(model_config, seq_len: int, training: bool = True) -> float:
-  """6N (train) or 2N (forward) per token for the matmul params, plus attention scores/values."""
-  d, layers = model_config.d_model, model_config.num_layers
-  n = layers * (4 * d * d + 3 * d * model_config.mlp_dim) + d * model_config.padded_vocab
-  attention = 2 * 2 * layers * seq_len * d  # QK^T and AV, forward, per token
-  return (3 if training else 1) * (2 * n + attention)
 
 
 def train_row(model, config, tokenizer, mesh, peak: float, steps: int, log=print) -> dict:
@@ -115,7 +93,7 @@ def train_row(model, config, tokenizer, mesh, peak: float, steps: int, log=print
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / steps
   tokens_per_s = batch * seq_len / seconds
-  flops_per_token = model_flops_per_token(model.config, seq_len)
+  flops_per_token = model.config.flops_per_token(seq_len)
   row = {"part": "train", "objective": config.objective, "batch": batch, "seq_len": seq_len,
          "step_s": seconds, "tokens_per_sec": tokens_per_s, "compile_s": compile_s,
          "model_flops_per_token": flops_per_token, "matmul_peak_flops": peak,
@@ -244,6 +222,24 @@ def _fresh_run(config):
                             state.params, shardings.params, 0)
 
 
+def define_flags():
+  """Defines this command's flags (only when run as a command, so the module imports cleanly)."""
+  flags.DEFINE_string("workdir", None, "Trained diffusion workdir (else --config with fresh parameters).")
+  flags.DEFINE_string("ar_workdir", None, "Trained AR baseline: timed as the decoder and used as the judge.")
+  config_flags.DEFINE_config_file("config", None, "Config whose model to benchmark with fresh parameters.")
+  flags.DEFINE_list("parts", ["train", "sampling", "quality"], "Which parts to run.")
+  flags.DEFINE_list("batches", ["1", "32"], "Batch sizes for sampling.")
+  flags.DEFINE_integer("seq_len", 256, "Tokens per generated sequence.")
+  flags.DEFINE_list("steps", ["32", "64", "256"], "Step counts T.")
+  flags.DEFINE_list("samplers", list(sampling.SAMPLERS), "Samplers to time.")
+  flags.DEFINE_integer("repeats", 1, "Timed runs per setting (after compiling); the minimum is kept.")
+  flags.DEFINE_integer("train_steps", 5, "Timed train steps (after one compile step).")
+  flags.DEFINE_integer("block_length", 32, "blocks sampler: tokens per block.")
+  flags.DEFINE_float("threshold", 0.9, "threshold sampler: confidence threshold.")
+  flags.DEFINE_string("out", "", "Folder for bench.json and bench.png (default: no files).")
+  flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
+
+
 @cli_main
 def main(argv):
   if len(argv) > 1:
@@ -307,4 +303,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  app.run(main, flags_parser=parse_flags)

@@ -27,6 +27,7 @@ def make_manager(workdir: str, save_every: int = 1, keep: int = 3, read_only: bo
       enable_async_checkpointing=not read_only,
       create=not read_only,
       read_only=read_only,
+      cleanup_tmp_directories=not read_only,  # remove what a killed save left half-written
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 

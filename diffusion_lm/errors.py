@@ -1,6 +1,7 @@
 """User-facing errors: one line, naming the bad value and what is allowed."""
 
 import functools
+import re
 import sys
 
 
@@ -35,3 +36,30 @@ def cli_main(main):
       sys.exit(2)
 
   return wrapped
+
+
+def _fail(message: str, argv) -> None:
+  if "--verbose" in argv:
+    raise
+  print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl flags parser for the entry points: a bad flag or config override is one `error:` line, exit 2.
+
+  Pass to app.run(main, flags_parser=parse_flags).
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except AttributeError as e:  # ml_collections: an override naming an unknown config key
+    text = str(e).replace("\\'", "'").replace("\\n", " ")
+    key = re.search(r"'(\w+)'", text)
+    close = re.search(r'Did you mean "([^"]+)"', text)
+    override = next((a.split("=")[0] for a in argv if key and a.startswith("--config.") and
+                     a.split("=")[0].endswith("." + key.group(1))), None)
+    _fail(f"unknown config key {override or (key.group(1) if key else text)!r}"
+          + (f"; did you mean {close.group(1)!r}?" if close else "; see configs/default.py for the keys"), argv)
+  except (flags.Error, KeyError, ValueError, TypeError) as e:
+    _fail(str(e), argv)

@@ -14,22 +14,26 @@ import sys
 from absl import app, flags
 import jax
 
-from diffusion_lm.errors import UserError, cli_main
+from diffusion_lm.errors import UserError, cli_main, parse_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints and the tokenizer.")
-flags.DEFINE_string("split", None, "Split to evaluate (default: the config's data.eval_split).")
-flags.DEFINE_integer("max_batches", None, "Cap on batches (default: the config's; 0 = whole split).")
-flags.DEFINE_integer("num_t_samples", None, "Stratified time draws per sequence (default: the config's).")
-flags.DEFINE_integer("seed", None, "Evaluation seed (default: the config's evaluation.seed).")
-flags.DEFINE_integer("discrete_steps", None, "Also report the exact T-step discrete bound for this T (0 = off).")
-flags.DEFINE_string("judge_workdir", None, "AR checkpoint scoring generated samples (generative perplexity).")
-flags.DEFINE_integer("num_gen_samples", 0, "Samples to generate for generative perplexity and entropy (0 = none).")
-flags.DEFINE_string("sampler", None, "Sampler for the generated samples (default: the config's).")
-flags.DEFINE_integer("gen_steps", None, "Denoising steps for the generated samples (default: the config's).")
-flags.DEFINE_integer("gen_seed", 0, "Seed of the generated samples.")
-flags.DEFINE_bool("raw_params", False, "Evaluate the raw parameters instead of the EMA parameters.")
-flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
+
+
+def define_flags():
+  """Defines this command's flags (only when run as a command, so the module imports cleanly)."""
+  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints and the tokenizer.")
+  flags.DEFINE_string("split", None, "Split to evaluate (default: the config's data.eval_split).")
+  flags.DEFINE_integer("max_batches", None, "Cap on batches (default: the config's; 0 = whole split).")
+  flags.DEFINE_integer("num_t_samples", None, "Stratified time draws per sequence (default: the config's).")
+  flags.DEFINE_integer("seed", None, "Evaluation seed (default: the config's evaluation.seed).")
+  flags.DEFINE_integer("discrete_steps", None, "Also report the exact T-step discrete bound for this T (0 = off).")
+  flags.DEFINE_string("judge_workdir", None, "AR checkpoint scoring generated samples (generative perplexity).")
+  flags.DEFINE_integer("num_gen_samples", 0, "Samples to generate for generative perplexity and entropy (0 = none).")
+  flags.DEFINE_string("sampler", None, "Sampler for the generated samples (default: the config's).")
+  flags.DEFINE_integer("gen_steps", None, "Denoising steps for the generated samples (default: the config's).")
+  flags.DEFINE_integer("gen_seed", 0, "Seed of the generated samples.")
+  flags.DEFINE_bool("raw_params", False, "Evaluate the raw parameters instead of the EMA parameters.")
+  flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
 
 
 @cli_main
@@ -104,4 +108,5 @@ def _generated_sample_metrics(trained, config, split) -> dict:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  app.run(main, flags_parser=parse_flags)

@@ -50,6 +50,8 @@ def check_config(config) -> None:
   if seq_len > config.model.max_len:
     raise UserError(f"data.seq_len={seq_len} exceeds model.max_len={config.model.max_len}; allowed: "
                     f"seq_len <= {config.model.max_len}")
+  if t.get("on_nonfinite", "stop") not in ("stop", "skip"):
+    raise UserError(f"training.on_nonfinite={t.on_nonfinite!r}; allowed: stop, skip")
   o = config.optimizer
   if not o.learning_rate > 0:
     raise UserError(f"optimizer.learning_rate={o.learning_rate}; allowed: a number > 0")
@@ -197,8 +199,11 @@ def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_
   params = optax.apply_updates(state.params, updates)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  # A non-finite step keeps the old parameters and optimizer state (the step counter still advances:
+  # it counts batches consumed, which the data order and the random keys follow).
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                         ema_params=keep(ema, state.ema_params), opt_state=keep(opt_state, state.opt_state))
   metrics = {
       "loss": loss,  # nats per token (diffusion: negative ELBO estimate; ar: exact)
       "bits_per_token": diffusion.nats_to_bits(loss),

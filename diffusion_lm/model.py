@@ -49,6 +49,13 @@ class ModelConfig:
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
 
+  def flops_per_token(self, seq_len: int, training: bool = True) -> float:
+    """Model FLOPs per token: 2N forward (x3 with the backward pass) over the matmul parameters N,
+    plus the attention score and value products. The MFU numerator."""
+    n = self.num_layers * (4 * self.d_model**2 + 3 * self.d_model * self.mlp_dim) + self.d_model * self.padded_vocab
+    attention = 2 * 2 * self.num_layers * seq_len * self.d_model
+    return (3 if training else 1) * (2 * n + attention)
+
   @property
   def padded_vocab(self) -> int:
     """Rows of the embedding/head tables: vocab_size + 1 ([MASK]) rounded up to a multiple of 128,

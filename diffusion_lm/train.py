@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from diffusion_lm import checkpointing, experiment, sharding
-from diffusion_lm.errors import UserError, cli_main
+from diffusion_lm.errors import UserError, cli_main, parse_flags
 from diffusion_lm.metrics import MetricWriter
 from diffusion_lm.model import Transformer
 from diffusion_lm.generation import Generator, sampler_config
@@ -59,6 +59,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   # ------------------------------------------------------------------ config, workdir, resume check
   experiment.check_config(config)
   workdir = os.path.abspath(workdir)
+  _check_writable(workdir)
   saved_step, saved_config = checkpointing.read_saved_config(workdir)
 
   # ------------------------------------------------------------------ mesh
@@ -128,16 +129,23 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
              disable=jax.process_index() != 0, file=sys.stderr, mininterval=1.0)
   last = {}
   pending = None  # (step, metrics) of the step before, fetched after the next is dispatched
+  skipped = [0]  # non-finite steps skipped (training.on_nonfinite="skip")
   window_start, window_steps = time.time(), 0
   tokens_per_step = t.batch_size * config.data.seq_len
 
   def save(step_done: int, force: bool = False):
-    return checkpointing.save(manager, step_done, state, data_iter.get_state(), config_dict, force=force)
+    try:
+      return checkpointing.save(manager, step_done, state, data_iter.get_state(), config_dict, force=force)
+    except OSError as e:
+      raise _storage_error(e, step_done, manager, workdir) from None
 
   def consume(step_done, metrics):
     nonlocal window_start, window_steps
     metrics = jax.device_get(metrics)
-    if not metrics["finite"]:
+    if not metrics["finite"] and t.get("on_nonfinite", "stop") == "skip":
+      skipped[0] += 1
+      _log(f"step {step_done}: non-finite loss or gradient, update skipped ({skipped[0]} so far)")
+    elif not metrics["finite"]:
       latest = manager.latest_step()
       manager.wait_until_finished()
       raise FloatingPointError(
@@ -152,6 +160,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
       scalars["train/learning_rate"] = float(lr_schedule(step_done - 1))
       scalars["train/steps_per_sec"] = window_steps / max(elapsed, 1e-9)
       scalars["train/tokens_per_sec"] = scalars["train/steps_per_sec"] * tokens_per_step
+      scalars["train/skipped_steps"] = skipped[0]
       writer.write_scalars(step_done, scalars)
       window_start, window_steps = time.time(), 0
       last.update(scalars)
@@ -196,10 +205,37 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
         consume(*pending)
     finally:
       bar.close()
-      manager.wait_until_finished()
-      manager.close()
-      writer.close()
+      try:
+        manager.wait_until_finished()
+        manager.close()
+      except OSError as e:
+        raise _storage_error(e, int(state.step), manager, workdir) from None
+      finally:
+        writer.close()
   return last
+
+
+def _check_writable(workdir: str) -> None:
+  """Fails early, in one line, when the workdir cannot be created or written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"workdir {workdir!r} is not writable ({e.strerror or e}); allowed: a directory this "
+                    "process can create and write") from None
+
+
+def _storage_error(error: OSError, step: int, manager, workdir: str) -> UserError:
+  try:
+    latest = manager.latest_step()
+  except Exception:  # pylint: disable=broad-except
+    latest = None
+  return UserError(f"could not write the checkpoint of step {step} in {checkpointing.checkpoint_dir(workdir)} "
+                   f"({error.strerror or error}); the checkpoints already there are intact (latest: "
+                   f"{latest if latest is not None else 'none'}); free space or fix permissions and rerun")
 
 
 def _write_samples(generator, params, template, config, workdir, step, writer):
@@ -207,7 +243,8 @@ def _write_samples(generator, params, template, config, workdir, step, writer):
   texts = generator.decode(generator(params, template, cfg.seed).tokens)
   if jax.process_index() != 0:
     return
-  body = "\n".join(f"--- sample {i} (step {step}, {cfg.name} sampler, {cfg.steps} steps) ---\n{text}"
+  how = "autoregressive" if config.objective == "ar" else f"{cfg.name} sampler, {cfg.steps} steps"
+  body = "\n".join(f"--- sample {i} (step {step}, {how}) ---\n{text}"
                    for i, text in enumerate(texts))
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
   atomic_write_bytes(os.path.join(workdir, "samples", f"step_{step:07d}.txt"), body.encode())
@@ -216,13 +253,18 @@ def _write_samples(generator, params, template, config, workdir, step, writer):
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizer, logs and samples.")
-flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
-flags.DEFINE_bool("distributed", False, "Multi-host: jax.distributed.initialize() with no arguments (TPU pods).")
-flags.DEFINE_string("coordinator_address", "", "Multi-process: coordinator host:port (e.g. 127.0.0.1:12345).")
-flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
-flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index.")
+
+
+def define_flags():
+  """Defines this command's flags (only when run as a command, so the module imports cleanly)."""
+  config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizer, logs and samples.")
+  flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
+  flags.DEFINE_bool("distributed", False, "Multi-host: jax.distributed.initialize() with no arguments (TPU pods).")
+  flags.DEFINE_string("coordinator_address", "", "Multi-process: coordinator host:port (e.g. 127.0.0.1:12345).")
+  flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
+  flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index.")
+  flags.DEFINE_integer("heartbeat_timeout", 100, "Multi-process: seconds before the others give up on a dead process.")
 
 
 @cli_main
@@ -235,7 +277,8 @@ def main(argv):
     raise UserError("--workdir is required, e.g. --workdir=runs/demo")
   logging.getLogger("absl").setLevel(logging.WARNING)
   from diffusion_lm import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         FLAGS.heartbeat_timeout)
   try:
     final = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except FloatingPointError as e:
@@ -246,4 +289,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  app.run(main, flags_parser=parse_flags)

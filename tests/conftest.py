@@ -64,3 +64,20 @@ def trained_workdir(tmp_path_factory, data_cache):
   train_and_evaluate(config, workdir, stop_after=4)
   train_and_evaluate(config, workdir)  # same config: resumes at 4
   return workdir
+
+
+def pytest_addoption(parser):
+  parser.addoption("--runslow", action="store_true", help="also run tests marked slow (long fault injection)")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: long-running; run with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--runslow"):
+    return
+  skip = pytest.mark.skip(reason="slow: run with --runslow")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)

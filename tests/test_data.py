@@ -166,3 +166,14 @@ def test_text8_bad_inputs(tmp_path):
     data.load_text_split(_data_config(source="text8", path=str(bad)), "train", str(tmp_path / "d2"))
   with pytest.raises(UserError, match="split 'dev' of text8; allowed: train, validation, test"):
     data.load_text_split(_data_config(source="text8", path=str(bad)), "dev", str(tmp_path / "d3"))
+
+
+def test_a_single_huge_line_is_cut_into_passages(tmp_path):
+  folder = tmp_path / "c"
+  folder.mkdir()
+  (folder / "one_line.txt").write_text("word " * 200_000)  # 1 MB, no newline
+  cfg = _data_config(source="local", path=str(folder), passage_chars=4096)
+  train = data.load_text_split(cfg, "train", str(tmp_path / "d"))
+  val = data.load_text_split(cfg, "validation", str(tmp_path / "d"))
+  lengths = [len(t) for t in train.texts()]
+  assert max(lengths) <= 4096 and len(train) + len(val) >= 200

@@ -1,0 +1,187 @@
+"""Ahead-of-time compilation for a TPU slice, on any machine: does the config fit, how fast is it?
+
+  pip install -r requirements-tpu.txt     # brings libtpu (the TPU compiler) from PyPI
+  python -m diffusion_lm.aot --config=configs/text8.py --topology=v5e:4x4
+
+Compiles the train step and the sampler for the named topology without a TPU, then prints per-chip
+memory against the chip's HBM, XLA's flop count and estimated step time, and from them the estimated
+tokens/s per chip and model-FLOPs utilisation. Exit code 1 when something does not fit.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from diffusion_lm.errors import UserError, cli_main, parse_flags
+
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  hbm_bytes: float
+  peak_bf16_flops: float  # dense bf16 FLOP/s per chip (public spec sheets)
+
+
+CHIPS = {
+    "v4": Chip(32 * 2**30, 275e12),
+    "v5e": Chip(16 * 2**30, 197e12),
+    "v5p": Chip(95 * 2**30, 459e12),
+    "v6e": Chip(32 * 2**30, 918e12),
+}
+
+
+def topology_devices(topology: str):
+  """The devices of a named TPU topology (no TPU needed; libtpu compiles for it)."""
+  chip, _, shape = topology.partition(":")
+  if chip not in CHIPS or not shape:
+    raise UserError(f"topology {topology!r}; allowed: CHIP:SHAPE with CHIP one of {', '.join(CHIPS)}, "
+                    "e.g. v5e:4x4, v4:2x2x1, v5p:2x2x2, v6e:8x8")
+  try:
+    import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    raise UserError("libtpu is not installed, so nothing can compile for TPU here; allowed: "
+                    "pip install -r requirements-tpu.txt (jax[tpu]) and rerun") from None
+  # Compiling needs no TPU, so several processes (tests, a second shell) may use libtpu at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    return CHIPS[chip], topologies.get_topology_desc(topology, "tpu").devices
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f"unknown topology {topology!r} ({first}); allowed e.g. v5e:2x2, v5e:4x4, v4:2x2x1, "
+                    "v5p:2x2x2, v6e:4x4") from None
+
+
+def _memory_bytes(compiled) -> float:
+  m = compiled.memory_analysis()
+  return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes + m.generated_code_size_in_bytes)
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost) or {}
+
+
+def check(config, topology: str, vocab_size: int | None = None, sample_batch: int = 0, log=print) -> dict:
+  """Compiles train step and sampler for `topology`; returns the figures (also printed via log)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  from diffusion_lm import experiment, sampling, sharding  # pylint: disable=g-import-not-at-top
+  from diffusion_lm.generation import sampler_config  # pylint: disable=g-import-not-at-top
+  from diffusion_lm.model import Transformer  # pylint: disable=g-import-not-at-top
+
+  experiment.check_config(config)
+  chip, devices = topology_devices(topology)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  batch, seq_len = config.training.batch_size, config.data.seq_len
+  dp = sharding.data_parallel_size(mesh)
+  if batch % dp:
+    raise UserError(f"training.batch_size={batch} is not divisible by the data-parallel size {dp} of "
+                    f"{topology} with mesh {dict(mesh.shape)}; allowed: a multiple of {dp}")
+  if vocab_size is None:
+    vocab_size = config.tokenizer.vocab_size if config.tokenizer.kind == "sentencepiece" else 256
+  model = Transformer(experiment.model_config(config, vocab_size))
+  tx, _ = experiment.make_optimizer(config)
+  abstract_state, shardings = experiment.state_shardings(model, tx, mesh, seq_len)
+  replicated = NamedSharding(mesh, P())
+  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
+  tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=sharding.batch_sharding(mesh))
+  mask_id = vocab_size
+  step = jax.jit(functools.partial(experiment.train_step, model=model, tx=tx,
+                                   schedule=experiment.schedule_from_config(config), mask_id=mask_id,
+                                   ema_decay=config.optimizer.ema_decay, objective=config.objective,
+                                   bos_id=0),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
+                 out_shardings=(shardings, replicated), donate_argnums=0)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    train = step.lower(abstract_state, tokens, key).compile()
+
+    sample_batch = sample_batch or batch
+    cfg = sampler_config(config.sampling)
+
+    def run(params, k, x, ids):
+      denoiser = lambda xx, tt: model.apply({"params": params}, xx, tt)
+      return sampling.sample(denoiser, k, x, ids, cfg, schedule=experiment.schedule_from_config(config),
+                             mask_id=mask_id, time_independent=not model.config.time_conditioning).tokens
+
+    sample_tokens = jax.ShapeDtypeStruct((sample_batch, seq_len), jnp.int32, sharding=sharding.batch_sharding(mesh))
+    ids = jax.ShapeDtypeStruct((sample_batch,), jnp.int32, sharding=sharding.batch_sharding(mesh))
+    sampler = forward = None
+    if not model.config.causal:
+      sampler = jax.jit(run, in_shardings=(shardings.params, replicated, sharding.batch_sharding(mesh),
+                                           sharding.batch_sharding(mesh))).lower(
+          abstract_state.params, key, sample_tokens, ids).compile()
+      # XLA's cost model counts a loop body once: the sampler's time is estimated as T forwards.
+      t_B = jax.ShapeDtypeStruct((sample_batch,), jnp.float32, sharding=sharding.batch_sharding(mesh))
+      forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(
+          abstract_state.params, sample_tokens, t_B).compile()
+
+  cost = _cost(train)
+  seconds = float(cost.get("optimal_seconds", 0.0))
+  chips = len(devices)
+  tokens_per_chip = batch * seq_len / chips / seconds if seconds > 0 else 0.0
+  flops_per_token = model.config.flops_per_token(seq_len)
+  result = {
+      "config_model": f"{model.config.num_layers}x{model.config.d_model}", "topology": topology, "chips": chips,
+      "mesh": dict(mesh.shape), "batch": batch, "seq_len": seq_len,
+      "params": int(sum(x.size for x in jax.tree.leaves(abstract_state.params))),
+      "train_memory_gib_per_chip": _memory_bytes(train) / 2**30, "hbm_gib": chip.hbm_bytes / 2**30,
+      "xla_flops_per_chip_step": float(cost.get("flops", 0.0)), "xla_estimated_step_s": seconds,
+      "tokens_per_s_per_chip": tokens_per_chip,
+      "mfu_estimate": tokens_per_chip * flops_per_token / chip.peak_bf16_flops if seconds else 0.0,
+  }
+  if sampler is not None:
+    forward_s = float(_cost(forward).get("optimal_seconds", 0.0))
+    result.update({"sampler": cfg.name, "sampler_steps": cfg.steps, "sample_batch": sample_batch,
+                   "sampler_memory_gib_per_chip": _memory_bytes(sampler) / 2**30,
+                   "forward_estimated_s": forward_s, "sampler_estimated_s": cfg.steps * forward_s})
+  result["fits"] = result["train_memory_gib_per_chip"] <= result["hbm_gib"] and \
+      result.get("sampler_memory_gib_per_chip", 0.0) <= result["hbm_gib"]
+  log(f"{topology} ({chips} chips, mesh {result['mesh']}): {result['params'] / 1e6:.1f}M params, batch {batch} x {seq_len}")
+  log(f"  train step: {result['train_memory_gib_per_chip']:.2f} GiB per chip of {result['hbm_gib']:.0f} GiB HBM; "
+      f"XLA: {result['xla_flops_per_chip_step'] / 1e12:.2f} TFLOP per chip, est. {seconds * 1e3:.1f} ms/step "
+      f"-> {tokens_per_chip:,.0f} tokens/s per chip, MFU ~{result['mfu_estimate']:.0%}")
+  if sampler is not None:
+    log(f"  sampler ({cfg.name}, T={cfg.steps}, batch {sample_batch}): "
+        f"{result['sampler_memory_gib_per_chip']:.2f} GiB per chip, est. {result['sampler_estimated_s']:.3f} s "
+        f"({cfg.steps} forwards of {result['forward_estimated_s'] * 1e3:.2f} ms)")
+  log(f"  fits: {'yes' if result['fits'] else 'NO'}")
+  return result
+
+
+def define_flags():
+  """Defines this command's flags (only when run as a command, so the module imports cleanly)."""
+  config_flags.DEFINE_config_file("config", None, "Training configuration file.")
+  flags.DEFINE_string("topology", None, "TPU slice, e.g. v4:2x2x1, v5e:4x4, v5p:2x2x2, v6e:8x8.")
+  flags.DEFINE_integer("vocab_size", None, "Vocabulary size (default: tokenizer.vocab_size; char level: 256).")
+  flags.DEFINE_integer("sample_batch", 0, "Sampler batch (default: the training batch).")
+  flags.DEFINE_bool("json", False, "Print the results as one JSON line too.")
+  flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
+
+
+@cli_main
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}; allowed: flags only")
+  if FLAGS.config is None or not FLAGS.topology:
+    raise UserError("--config=FILE and --topology=CHIP:SHAPE (e.g. v5e:4x4) are required")
+  result = check(FLAGS.config, FLAGS.topology, FLAGS.vocab_size, FLAGS.sample_batch,
+                 log=lambda m: print(m, flush=True))
+  if FLAGS.json:
+    print(json.dumps(result), flush=True)
+  sys.exit(0 if result["fits"] else 1)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,50 @@
+"""Ahead-of-time TPU compilation of a small config (needs libtpu: pip install -r requirements-tpu.txt)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from diffusion_lm.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+libtpu = pytest.importorskip("libtpu", reason="libtpu not installed (requirements-tpu.txt)")
+
+
+def test_tiny_config_compiles_for_a_v5e_slice(tiny_config):
+  from diffusion_lm import aot
+  result = aot.check(tiny_config, "v5e:2x2", log=lambda m: None)
+  assert result["chips"] == 4 and result["mesh"]["data"] == 4 and result["fits"]
+  assert 0 < result["train_memory_gib_per_chip"] < 1 and result["xla_flops_per_chip_step"] > 0
+  assert result["xla_estimated_step_s"] > 0 and result["tokens_per_s_per_chip"] > 0
+  assert result["sampler_memory_gib_per_chip"] > 0 and result["sampler_estimated_s"] > 0
+
+
+def test_fsdp_shards_memory_across_chips(tiny_config):
+  from diffusion_lm import aot
+  tiny_config.model.update(d_model=256, mlp_dim=1024, num_layers=4)
+  replicated = aot.check(tiny_config, "v5e:2x2", log=lambda m: None)
+  tiny_config.mesh.update(data=1, fsdp=-1)
+  sharded = aot.check(tiny_config, "v5e:2x2", log=lambda m: None)
+  assert sharded["mesh"]["fsdp"] == 4
+  assert sharded["train_memory_gib_per_chip"] < 0.6 * replicated["train_memory_gib_per_chip"]
+
+
+def test_bad_topologies(tiny_config):
+  from diffusion_lm import aot
+  with pytest.raises(UserError, match="topology 'v9x:2x2'; allowed: CHIP:SHAPE"):
+    aot.check(tiny_config, "v9x:2x2")
+  with pytest.raises(UserError, match="unknown topology 'v5e:3x7'"):
+    aot.check(tiny_config, "v5e:3x7")
+  tiny_config.training.batch_size = 6
+  with pytest.raises(UserError, match="batch_size=6 is not divisible by the data-parallel size 4 of v5e:2x2"):
+    aot.check(tiny_config, "v5e:2x2")
+
+
+def test_aot_cli_prints_figures():
+  out = subprocess.run([sys.executable, "-m", "diffusion_lm.aot", "--config=configs/tiny.py", "--topology=v5e:2x2"],
+                       cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "GiB per chip of 16 GiB HBM" in out.stdout and "fits: yes" in out.stdout
