@@ -81,15 +81,30 @@ class Generator:
     put = lambda x: jax.make_array_from_callback(x.shape, batch, lambda idx: x[idx])
     args = (params, jax.random.key(seed), put(tokens), put(ids))
     with self._context():
-      shape = tokens.shape
-      if shape not in self._compiled:
-        # Ahead-of-time: the compile cost is measured apart from the run (bench reports both).
-        start = time.perf_counter()
-        self._compiled[shape] = self._run.lower(*args).compile()
-        self.compile_seconds[shape] = time.perf_counter() - start
-      out = self._compiled[shape](*args)
+      out = self._executable(args)(*args)
     return sampling.SampleOutput(_to_host(out.tokens)[:num], _to_host(out.trajectory)[:, :num],
                                  _to_host(out.steps_used)[:num], int(out.num_calls))
+
+  def _executable(self, args):
+    """The compiled sampler for these arguments' shapes, compiled ahead of time on first use (so the
+    compile cost is measured apart from the run)."""
+    shape = args[2].shape
+    if shape not in self._compiled:
+      start = time.perf_counter()
+      self._compiled[shape] = self._run.lower(*args).compile()
+      self.compile_seconds[shape] = time.perf_counter() - start
+    return self._compiled[shape]
+
+  def compile(self, params, tokens_BxL: np.ndarray) -> float:
+    """Compiles for this batch shape without running; returns the compile seconds."""
+    dp = sharding.data_parallel_size(self.mesh)
+    padded = (-(-tokens_BxL.shape[0] // dp) * dp, tokens_BxL.shape[1])
+    batch = sharding.batch_sharding(self.mesh)
+    args = (params, jax.random.key(0), jax.ShapeDtypeStruct(padded, np.int32, sharding=batch),
+            jax.ShapeDtypeStruct(padded[:1], np.int32, sharding=batch))
+    with self._context():
+      self._executable(args)
+    return self.compile_seconds[padded]
 
   def decode(self, tokens_BxL) -> list[str]:
     return [self.tokenizer.decode(row) for row in tokens_BxL]
