@@ -26,13 +26,14 @@ FLAGS = flags.FLAGS
 class Chip:
   hbm_bytes: float
   peak_bf16_flops: float  # dense bf16 FLOP/s per chip (public spec sheets)
+  hbm_bandwidth: float  # bytes/s per chip
 
 
 CHIPS = {
-    "v4": Chip(32 * 2**30, 275e12),
-    "v5e": Chip(16 * 2**30, 197e12),
-    "v5p": Chip(95 * 2**30, 459e12),
-    "v6e": Chip(32 * 2**30, 918e12),
+    "v4": Chip(32 * 2**30, 275e12, 1.2e12),
+    "v5e": Chip(16 * 2**30, 197e12, 0.82e12),
+    "v5p": Chip(95 * 2**30, 459e12, 2.76e12),
+    "v6e": Chip(32 * 2**30, 918e12, 1.64e12),
 }
 
 
@@ -67,6 +68,15 @@ def _memory_bytes(compiled) -> float:
 def _cost(compiled) -> dict:
   cost = compiled.cost_analysis()
   return (cost[0] if isinstance(cost, list) else cost) or {}
+
+
+def estimated_seconds(cost: dict, chip: Chip) -> tuple[float, str]:
+  """XLA's own time estimate when it gives one, else the roofline of its flop and byte counts."""
+  optimal = float(cost.get("optimal_seconds", -1.0))
+  if optimal > 0:
+    return optimal, "xla"
+  flops, moved = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  return max(flops / chip.peak_bf16_flops, moved / chip.hbm_bandwidth), "roofline"
 
 
 def check(config, topology: str, vocab_size: int | None = None, sample_batch: int = 0, log=print) -> dict:
@@ -127,7 +137,7 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
           abstract_state.params, sample_tokens, t_B).compile()
 
   cost = _cost(train)
-  seconds = float(cost.get("optimal_seconds", 0.0))
+  seconds, method = estimated_seconds(cost, chip)
   chips = len(devices)
   tokens_per_chip = batch * seq_len / chips / seconds if seconds > 0 else 0.0
   flops_per_token = model.config.flops_per_token(seq_len)
@@ -137,11 +147,12 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
       "params": int(sum(x.size for x in jax.tree.leaves(abstract_state.params))),
       "train_memory_gib_per_chip": _memory_bytes(train) / 2**30, "hbm_gib": chip.hbm_bytes / 2**30,
       "xla_flops_per_chip_step": float(cost.get("flops", 0.0)), "xla_estimated_step_s": seconds,
+      "estimate": method,
       "tokens_per_s_per_chip": tokens_per_chip,
       "mfu_estimate": tokens_per_chip * flops_per_token / chip.peak_bf16_flops if seconds else 0.0,
   }
   if sampler is not None:
-    forward_s = float(_cost(forward).get("optimal_seconds", 0.0))
+    forward_s, _ = estimated_seconds(_cost(forward), chip)
     result.update({"sampler": cfg.name, "sampler_steps": cfg.steps, "sample_batch": sample_batch,
                    "sampler_memory_gib_per_chip": _memory_bytes(sampler) / 2**30,
                    "forward_estimated_s": forward_s, "sampler_estimated_s": cfg.steps * forward_s})
@@ -149,7 +160,7 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
       result.get("sampler_memory_gib_per_chip", 0.0) <= result["hbm_gib"]
   log(f"{topology} ({chips} chips, mesh {result['mesh']}): {result['params'] / 1e6:.1f}M params, batch {batch} x {seq_len}")
   log(f"  train step: {result['train_memory_gib_per_chip']:.2f} GiB per chip of {result['hbm_gib']:.0f} GiB HBM; "
-      f"XLA: {result['xla_flops_per_chip_step'] / 1e12:.2f} TFLOP per chip, est. {seconds * 1e3:.1f} ms/step "
+      f"XLA: {result['xla_flops_per_chip_step'] / 1e12:.2f} TFLOP per chip, est. ({method}) {seconds * 1e3:.1f} ms/step "
       f"-> {tokens_per_chip:,.0f} tokens/s per chip, MFU ~{result['mfu_estimate']:.0%}")
   if sampler is not None:
     log(f"  sampler ({cfg.name}, T={cfg.steps}, batch {sample_batch}): "

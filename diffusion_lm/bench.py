@@ -111,8 +111,7 @@ def forward_seconds(model, params, param_shardings, mesh, batch: int, seq_len: i
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from diffusion_lm import sharding  # pylint: disable=g-import-not-at-top
-  dp = sharding.data_parallel_size(mesh)
-  padded = -(-batch // dp) * dp
+  padded = sharding.padded_batch_size(batch, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t),
                     in_shardings=(param_shardings, batch_sharding, batch_sharding))

@@ -386,14 +386,11 @@ def ar_scorer(trained: "Trained"):
     return jnp.sum(nll_B * valid_B)
 
   def score(tokens_NxL: np.ndarray) -> float:
-    dp = sharding.data_parallel_size(mesh)
     n = tokens_NxL.shape[0]
-    padded = -(-n // dp) * dp
-    tokens = np.concatenate([tokens_NxL, np.repeat(tokens_NxL[:1], padded - n, axis=0)]).astype(np.int32)
-    valid = (np.arange(padded) < n).astype(np.float32)
-    put = lambda x: jax.make_array_from_callback(x.shape, batch, lambda idx: x[idx])
+    tokens = sharding.pad_rows(np.asarray(tokens_NxL, np.int32), mesh)
+    valid = (np.arange(tokens.shape[0]) < n).astype(np.float32)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      total = float(nll_sum(trained.params, put(tokens), put(valid)))
+      total = float(nll_sum(trained.params, sharding.put_global(tokens, mesh), sharding.put_global(valid, mesh)))
     return total / (n * tokens_NxL.shape[1])
 
   return score

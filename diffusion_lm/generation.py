@@ -73,13 +73,10 @@ class Generator:
     data-parallel size and the padding rows are dropped.
     """
     num = tokens_BxL.shape[0]
-    dp = sharding.data_parallel_size(self.mesh)
-    padded = -(-num // dp) * dp
-    tokens = np.concatenate([tokens_BxL, np.repeat(tokens_BxL[:1], padded - num, axis=0)]).astype(np.int32)
-    ids = np.arange(padded, dtype=np.int32)
-    batch = sharding.batch_sharding(self.mesh)
-    put = lambda x: jax.make_array_from_callback(x.shape, batch, lambda idx: x[idx])
-    args = (params, jax.random.key(seed), put(tokens), put(ids))
+    tokens = sharding.pad_rows(np.asarray(tokens_BxL, np.int32), self.mesh)
+    ids = np.arange(tokens.shape[0], dtype=np.int32)
+    args = (params, jax.random.key(seed), sharding.put_global(tokens, self.mesh),
+            sharding.put_global(ids, self.mesh))
     with self._context():
       out = self._executable(args)(*args)
     return sampling.SampleOutput(_to_host(out.tokens)[:num], _to_host(out.trajectory)[:, :num],
@@ -97,8 +94,7 @@ class Generator:
 
   def compile(self, params, tokens_BxL: np.ndarray) -> float:
     """Compiles for this batch shape without running; returns the compile seconds."""
-    dp = sharding.data_parallel_size(self.mesh)
-    padded = (-(-tokens_BxL.shape[0] // dp) * dp, tokens_BxL.shape[1])
+    padded = (sharding.padded_batch_size(tokens_BxL.shape[0], self.mesh), tokens_BxL.shape[1])
     batch = sharding.batch_sharding(self.mesh)
     args = (params, jax.random.key(0), jax.ShapeDtypeStruct(padded, np.int32, sharding=batch),
             jax.ShapeDtypeStruct(padded[:1], np.int32, sharding=batch))

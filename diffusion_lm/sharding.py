@@ -65,3 +65,20 @@ def logical_shardings(abstract_tree, mesh: Mesh):
 def global_batch_from_local(local_rows: np.ndarray, mesh: Mesh):
   """Assembles the global batch array from this process's rows (its slice of the global batch)."""
   return jax.make_array_from_process_local_data(batch_sharding(mesh), local_rows)
+
+
+def padded_batch_size(num: int, mesh: Mesh) -> int:
+  """num rounded up to a multiple of the data-parallel size."""
+  dp = data_parallel_size(mesh)
+  return -(-num // dp) * dp
+
+
+def pad_rows(x: np.ndarray, mesh: Mesh) -> np.ndarray:
+  """Repeats the first row until the batch divides over the data-parallel axes."""
+  extra = padded_batch_size(x.shape[0], mesh) - x.shape[0]
+  return np.concatenate([x, np.repeat(x[:1], extra, axis=0)]) if extra else x
+
+
+def put_global(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A batch-sharded global array from a host array that every process holds in full."""
+  return jax.make_array_from_callback(x.shape, batch_sharding(mesh), lambda index: x[index])

@@ -122,7 +122,12 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   # ------------------------------------------------------------------ loop
   writer = MetricWriter(workdir)
   preemption = _Preemption()
-  preemption.install()
+  multi_process = jax.process_count() > 1
+  if not multi_process:
+    preemption.install()
+  # With several processes, JAX's preemption service catches SIGTERM on any of them and all
+  # processes agree on the step at which to save (orbax's reached_preemption), so none hangs
+  # waiting for a collective the others never reach.
   train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   chars_per_token = eval_tokens.chars_per_token
   bar = tqdm(total=t.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
@@ -176,6 +181,8 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
         pending = (step + 1, metrics)
         step_done = step + 1
         if stop_after is not None and step_done - start_step >= stop_after:
+          preemption.requested = True
+        if multi_process and manager.reached_preemption(step_done):
           preemption.requested = True
         is_last = step_done == t.num_steps
         periodic_eval = t.eval_every and step_done % t.eval_every == 0

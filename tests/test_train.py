@@ -209,3 +209,15 @@ def test_train_cli_unknown_dataset_is_one_line(tmp_path):
   assert out.returncode == 2
   assert [l for l in out.stderr.splitlines() if l.startswith("error:")] == [
       "error: unknown tfds dataset 'lm1c'; close matches: lm1b"], out.stderr
+
+
+@pytest.mark.parametrize("mesh, message", [
+    (dict(data=3, fsdp=1, tensor=1), "uses 3 devices, but 8 are present"),
+    (dict(data=-1, fsdp=3, tensor=1), "does not divide 8 devices"),
+    (dict(data=-1, fsdp=-1, tensor=1), "at most one -1"),
+    (dict(data=0, fsdp=1, tensor=1), "positive sizes"),
+])
+def test_bad_meshes(mesh, message):
+  import ml_collections
+  with pytest.raises(UserError, match=message):
+    sharding.make_mesh(ml_collections.ConfigDict(mesh))
