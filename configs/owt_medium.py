@@ -1,6 +1,7 @@
 """OpenWebText at GPT-2-medium size: 24 x 1024, sequences of 1024.
 
-Sized for a TPU v5p 4x4x4 slice (64 chips: data 8 x FSDP 8); check without a TPU:
+Sized for a TPU v5p 4x4x4 slice (64 chips: data 4 x FSDP 16, each a product of torus axes);
+check without a TPU:
   python -m diffusion_lm.aot --config=configs/owt_medium.py --topology=v5p:4x4x4
 """
 
@@ -10,5 +11,5 @@ from configs import owt_small
 def get_config(arg=None):
   config = owt_small.get_config(arg)
   config.model.update(num_layers=24, d_model=1024, num_heads=16, mlp_dim=4096)
-  config.mesh.update(data=8, fsdp=-1, tensor=1)
+  config.mesh.update(data=4, fsdp=-1, tensor=1)
   return config

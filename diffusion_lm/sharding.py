@@ -45,7 +45,12 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
 def make_mesh(mesh_config, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  except NotImplementedError as e:  # a TPU torus that cannot host this logical shape
+    raise UserError(f"mesh (data, fsdp, tensor)={shape} cannot be laid out on this device topology "
+                    f"({str(e).split('.')[0]}); allowed: axis sizes that are products of the physical "
+                    "axis sizes, e.g. 4 x 16 on 4x4x4") from None
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -207,3 +207,31 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_cache):
   assert "saved checkpoint at step" in stderr
   saved = int(stderr.split("saved checkpoint at step ")[1].split(";")[0])
   assert checkpointing.read_saved_config(workdir)[0] == saved > 0
+
+
+def test_sigterm_on_one_process_saves_the_same_step_on_all(tmp_path, data_cache):
+  """Preemption notice to one host: every process agrees on the step, saves it, and exits cleanly."""
+  workdir = str(tmp_path / "mhpre")
+  os.makedirs(workdir)
+  port = 20000 + random.Random(os.getpid() + 1).randrange(20000)
+  procs = []
+  for i in range(2):
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    cmd = _train_cmd(workdir, data_cache, 100_000) + [
+        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True))
+  deadline = time.time() + 120
+  while not os.path.exists(os.path.join(workdir, "metrics.jsonl")) and time.time() < deadline:
+    time.sleep(0.5)
+  time.sleep(2.0)
+  procs[1].send_signal(signal.SIGTERM)
+  try:
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for e in errs]
+  saved = int(errs[0].split("saved checkpoint at step ")[1].split(";")[0])
+  assert checkpointing.read_saved_config(workdir)[0] == saved > 0
