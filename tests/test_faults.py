@@ -47,10 +47,18 @@ def fault_injection(tmp_path, data_cache, kills: int, num_steps: int, seed: int 
   workdir = str(tmp_path / "killed")
   cmd = _train_cmd(workdir, data_cache, num_steps)
   injected, resumed_from, finished = 0, [], False
+  metrics = os.path.join(workdir, "metrics.jsonl")
   while injected < kills:
+    logged = sum(1 for _ in open(metrics)) if os.path.exists(metrics) else 0
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Moments spread over start-up, compilation, training steps and (every step) checkpoint writes.
-    time.sleep(rng.uniform(2.0, 9.0))
+    # Every other kill lands during start-up (restore, compile); the rest once this run is training,
+    # where a checkpoint is being written after every step.
+    if injected % 2:
+      time.sleep(rng.uniform(0.5, 6.0))
+    else:
+      while proc.poll() is None and (sum(1 for _ in open(metrics)) if os.path.exists(metrics) else 0) <= logged:
+        time.sleep(0.05)
+      time.sleep(rng.uniform(0.0, 1.5))
     if proc.poll() is not None:
       finished = proc.returncode == 0
       assert proc.returncode == 0, proc.stderr.read()[-2000:]
@@ -74,7 +82,7 @@ def fault_injection(tmp_path, data_cache, kills: int, num_steps: int, seed: int 
 
 
 def test_kills_resume_bit_identically(tmp_path, data_cache):
-  figures = fault_injection(tmp_path, data_cache, kills=3, num_steps=40)
+  figures = fault_injection(tmp_path, data_cache, kills=3, num_steps=120)
   print(json.dumps(figures))
   assert figures["bit_identical"], figures
 
@@ -82,7 +90,7 @@ def test_kills_resume_bit_identically(tmp_path, data_cache):
 @pytest.mark.slow
 def test_kills_resume_bit_identically_long(tmp_path, data_cache):
   """The long version: 12 kills (python -m pytest tests/test_faults.py --runslow -k long -s)."""
-  figures = fault_injection(tmp_path, data_cache, kills=12, num_steps=150, seed=1)
+  figures = fault_injection(tmp_path, data_cache, kills=12, num_steps=600, seed=1)
   print(json.dumps(figures))
   assert figures["kills_injected"] == 12 and figures["bit_identical"], figures
 
