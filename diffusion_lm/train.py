@@ -14,8 +14,6 @@ import time
 from absl import app, flags
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 from tqdm import tqdm

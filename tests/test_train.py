@@ -24,7 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _one_step(config, devices, vocab=20):
-  import ml_collections
   mesh = sharding.make_mesh(config.mesh, devices)
   model = Transformer(experiment.model_config(config, vocab))
   tx, _ = experiment.make_optimizer(config)
