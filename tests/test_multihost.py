@@ -44,3 +44,20 @@ def test_two_processes_equal_one(tmp_path, data_cache):
   # Only process 0 writes logs and samples; samples are identical.
   assert open(os.path.join(one, "samples", "step_0000004.txt")).read() == \
       open(os.path.join(two, "samples", "step_0000004.txt")).read()
+
+
+def test_two_processes_resume_from_their_checkpoint(tmp_path, data_cache):
+  workdir = str(tmp_path / "mh")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  base = ["bash", "launch/local_multihost.sh", "2", "--config=configs/tiny.py", f"--workdir={workdir}",
+          f"--config.data.cache_dir={data_cache}", "--config.training.checkpoint_every=2"]
+  first = subprocess.run(base + ["--config.training.num_steps=4"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-2000:]
+  second = subprocess.run(base + ["--config.training.num_steps=6"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+  log = open(os.path.join(workdir, "process_0.log")).read()
+  assert second.returncode == 0, second.stderr[-2000:] + log[-2000:]
+  assert "resumed from checkpoint step 4" in log
+  from diffusion_lm import experiment
+  assert experiment.load_trained(workdir).step == 6
