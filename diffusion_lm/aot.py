@@ -9,7 +9,6 @@ tokens/s per chip and model-FLOPs utilisation. Exit code 1 when something does n
 """
 
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -107,12 +106,7 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
   key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=sharding.batch_sharding(mesh))
   mask_id = vocab_size
-  step = jax.jit(functools.partial(experiment.train_step, model=model, tx=tx,
-                                   schedule=experiment.schedule_from_config(config), mask_id=mask_id,
-                                   ema_decay=config.optimizer.ema_decay, objective=config.objective,
-                                   bos_id=0),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
-                 out_shardings=(shardings, replicated), donate_argnums=0)
+  step = experiment.jit_train_step(config, model, tx, mesh, shardings, mask_id, bos_id=0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     train = step.lower(abstract_state, tokens, key).compile()
 

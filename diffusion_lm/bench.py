@@ -60,22 +60,16 @@ def matmul_peak_flops(size: int = 2048, dtype="float32") -> float:
 
 
 def train_row(model, config, tokenizer, mesh, peak: float, steps: int, log=print) -> dict:
-  import functools  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   from diffusion_lm import experiment, sharding  # pylint: disable=g-import-not-at-top
   tx, _ = experiment.make_optimizer(config)
   seq_len, batch = config.data.seq_len, config.training.batch_size
   _, shardings = experiment.state_shardings(model, tx, mesh, seq_len)
   state = experiment.init_state(model, tx, mesh, jax.random.key(0), seq_len, shardings)
-  step = jax.jit(functools.partial(experiment.train_step, model=model, tx=tx,
-                                   schedule=experiment.schedule_from_config(config), mask_id=tokenizer.mask_id,
-                                   ema_decay=0.999, objective=config.objective, bos_id=tokenizer.eos_id),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh), NamedSharding(mesh, P())),
-                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+  step = experiment.jit_train_step(config, model, tx, mesh, shardings, tokenizer.mask_id, tokenizer.eos_id)
   tokens = np.random.default_rng(0).integers(0, tokenizer.vocab_size, (batch, seq_len), dtype=np.int32)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     x = sharding.global_batch_from_local(tokens, mesh)

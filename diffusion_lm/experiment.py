@@ -215,6 +215,16 @@ def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_
   return new_state, metrics
 
 
+def jit_train_step(config, model, tx, mesh, shardings, mask_id: int, bos_id: int):
+  """train_step jitted over the mesh: state sharded (and donated), batch over data x fsdp."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule_from_config(config), mask_id=mask_id,
+                        ema_decay=config.optimizer.ema_decay, objective=config.objective, bos_id=bos_id),
+      in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
+      out_shardings=(shardings, replicated), donate_argnums=0)
+
+
 def eval_step(params, tokens_BxL, valid_B, key, *, model, schedule, mask_id, num_t_samples,
               objective="diffusion", bos_id=0, discrete_steps=0):
   """Summed bounds (nats) over the valid rows, and their token count.

@@ -3,7 +3,6 @@
   python -m diffusion_lm.train --config=configs/demo.py --workdir=runs/demo [--config.key=value ...]
 """
 
-import functools
 import json
 import logging
 import os
@@ -14,7 +13,6 @@ import time
 from absl import app, flags
 import flax.linen as nn
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -101,13 +99,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
        f"{config.data.seq_len} tokens")
 
   # ------------------------------------------------------------------ compiled steps
-  replicated = NamedSharding(mesh, P())
-  step_fn = jax.jit(
-      functools.partial(experiment.train_step, model=model, tx=tx, schedule=schedule,
-                        mask_id=tokenizer.mask_id, ema_decay=config.optimizer.ema_decay,
-                        objective=config.objective, bos_id=tokenizer.eos_id),
-      in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
-      out_shardings=(shardings, replicated), donate_argnums=0)
+  step_fn = experiment.jit_train_step(config, model, tx, mesh, shardings, tokenizer.mask_id, tokenizer.eos_id)
   evaluator = experiment.Evaluator(model, schedule, tokenizer.mask_id, mesh, shardings.params,
                                    config.evaluation, config.objective, tokenizer.eos_id)
   generator = None
