@@ -69,7 +69,7 @@ def main(argv):
   if FLAGS.judge_workdir and not FLAGS.num_gen_samples:
     raise UserError("--judge_workdir needs --num_gen_samples=N (N >= 1) samples to score")
   if FLAGS.num_gen_samples:
-    record.update(_generated_sample_metrics(trained, config, split))
+    record.update(_generated_sample_metrics(trained, config))
   line = json.dumps(record)
   if jax.process_index() == 0:
     with open(os.path.join(FLAGS.workdir, "eval.jsonl"), "a", encoding="utf-8") as f:
@@ -78,11 +78,10 @@ def main(argv):
   sys.stdout.flush()
 
 
-def _generated_sample_metrics(trained, config, split) -> dict:
+def _generated_sample_metrics(trained, config) -> dict:
   """Unigram entropy of N samples and, with a judge, their generative perplexity under it."""
   from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
   from diffusion_lm.generation import Generator, sampler_config  # pylint: disable=g-import-not-at-top
-  del split
   cfg = sampler_config(config.sampling, name=FLAGS.sampler, steps=FLAGS.gen_steps)
   generator = Generator(trained.model, trained.schedule, trained.tokenizer, trained.mesh,
                         trained.param_shardings, cfg)
