@@ -85,5 +85,23 @@ class Schedule:
       return sigma * math.log(self.sigma_max / self.sigma_min) / jnp.expm1(sigma)
     return -self.dalpha(t) / (1.0 - self.alpha(t))
 
+  def inverse_alpha(self, alpha):
+    """The t in [0, 1] with alpha(t) = alpha (clipped to the schedule's range); float array like alpha.
+
+    Samplers that commit by confidence use it to tell a time-conditioned denoiser the noise level of
+    a row whose masked fraction is 1 - alpha.
+    """
+    a = jnp.clip(jnp.asarray(alpha, jnp.float32), 0.0, 1.0)
+    if self.name in ("linear", "mlm"):
+      t = 1.0 - a
+    elif self.name == "cosine":
+      t = 1.0 - jnp.arccos(1.0 - a) / (0.5 * math.pi)
+    elif self.name == "polynomial":
+      t = (1.0 - a)**(1.0 / self.power)
+    else:  # geometric: sigma(t) = -log(alpha), log sigma is linear in t
+      log_sigma = jnp.log(-jnp.log(jnp.clip(a, 1e-30, 1.0 - 1e-7)))
+      t = (log_sigma - math.log(self.sigma_min)) / math.log(self.sigma_max / self.sigma_min)
+    return jnp.clip(t, 0.0, 1.0)
+
   def _sigma(self, t):
     return self.sigma_min**(1.0 - t) * self.sigma_max**t

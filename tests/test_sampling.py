@@ -239,7 +239,7 @@ def test_guidance_extrapolates_from_the_unconditional_view():
     return jnp.where(x[..., None] == MASK, 0.0, 1.0) * jnp.ones((1, 1, V))
 
   given = jnp.array([[1, MASK, MASK, MASK]])
-  guided = sampling._guided(denoiser, given != MASK, MASK, 2.0)
+  guided = sampling.guided(denoiser, given != MASK, MASK, 2.0)
   out = guided(given, jnp.ones((1,)))
   assert (np.asarray(calls[1]) == MASK).all()  # the unconditional pass hides the given token
   np.testing.assert_allclose(np.asarray(out[0, 0]), 3.0)  # 0 + 3 * (1 - 0)

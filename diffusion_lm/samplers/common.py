@@ -1,0 +1,173 @@
+"""Pieces every strategy shares: token draws, confidence scores, rank-and-commit, time grids, keys.
+
+A denoiser is any function `(tokens_BxL int32, t_B float32) -> logits_BxLxK` over the K data tokens.
+Randomness is per example: example b draws from fold_in(key, example_ids[b]), then fold_in(., step),
+so a sequence does not depend on the batch it is drawn in, nor on the device count.
+"""
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_lm.samplers.config import SamplerConfig
+from diffusion_lm.schedules import Schedule
+
+
+class SampleOutput(NamedTuple):
+  tokens: jax.Array  # int32[B, L], no [MASK] left
+  trajectory: jax.Array  # int32[S, B, L]: the sequence after each step (S = 0 when not recorded)
+  steps_used: jax.Array  # int32[B]: denoiser steps that changed or could change the row
+  num_calls: jax.Array  # int32[]: denoiser forward passes actually run (the cache skips some)
+
+
+# ----------------------------------------------------------------------------- token draws
+
+
+def filter_logits(logits_BxLxK, top_k: int = 0, top_p: float = 1.0):
+  """Top-k then nucleus filtering: removed tokens get -inf. float32 in, float32 out."""
+  logits = logits_BxLxK.astype(jnp.float32)
+  if top_k and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token if the mass strictly before it is < top_p (the top token is always kept).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
+    cutoff = jnp.min(kept, axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def draw_tokens(key_B, logits_BxLxK, cfg: SamplerConfig):
+  """Samples a token per position with per-example keys: (tokens int32[B, L], probs float32[B, L, K]).
+
+  The returned probabilities are those of the filtered, tempered distribution (for confidences).
+  """
+  if cfg.temperature == 0:
+    logits = filter_logits(logits_BxLxK, cfg.top_k, cfg.top_p)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), jax.nn.softmax(logits, axis=-1)
+  logits = filter_logits(logits_BxLxK / cfg.temperature, cfg.top_k, cfg.top_p)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if cfg.float64:
+    # Gumbel-max in float64: float32 Gumbel noise is bounded (about 16 nats above its mode), so
+    # tokens far below the top one are never drawn; that lowers sample entropy and distorts
+    # generative perplexity.
+    def one(k, lg):
+      gumbel = jax.random.gumbel(k, lg.shape, dtype=jnp.float64)
+      return jnp.argmax(jax.nn.log_softmax(lg.astype(jnp.float64), axis=-1) + gumbel, axis=-1)
+    tokens = jax.vmap(one)(key_B, logits)
+  else:
+    # Inverse-CDF draw: one uniform per position instead of one Gumbel per (position, token), which
+    # on a 1024-token vocabulary is most of a sampling step's cost beyond the forward pass.
+    def one(k, p_LxK):
+      u = jax.random.uniform(k, p_LxK.shape[:-1] + (1,))
+      cdf = jnp.cumsum(p_LxK, axis=-1)
+      # The first token whose cdf exceeds u * total: a zero-probability token is never chosen.
+      return jnp.minimum(jnp.sum(cdf <= u * cdf[..., -1:], axis=-1), p_LxK.shape[-1] - 1)
+    tokens = jax.vmap(one)(key_B, probs)
+  return tokens.astype(jnp.int32), probs
+
+
+def confidence_scores(key_B, probs_BxLxK, tokens_BxL, kind: str):
+  """Higher = more confident; float32[B, L].
+
+  max_prob: probability of the drawn token; margin: top-1 minus top-2 probability; entropy: -H in
+  nats; random: a uniform draw. Model-based scores are rounded to 2^-12 so that near-ties (common:
+  many positions see similar context) are broken by position, not by float noise that differs with
+  batch size or device count.
+  """
+  if kind == "random":
+    return jax.vmap(lambda k: jax.random.uniform(k, tokens_BxL.shape[1:]))(key_B)
+  if kind == "max_prob":
+    score = jnp.take_along_axis(probs_BxLxK, tokens_BxL[..., None], axis=-1)[..., 0]
+  elif kind == "margin":
+    top2 = jax.lax.top_k(probs_BxLxK, 2)[0]
+    score = top2[..., 0] - top2[..., 1]
+  else:  # entropy
+    score = jnp.sum(probs_BxLxK * jnp.log(jnp.maximum(probs_BxLxK, 1e-30)), axis=-1)
+  return jnp.round(score * 4096.0) / 4096.0
+
+
+# ----------------------------------------------------------------------------- rank and commit
+
+
+def rank_desc(scores_BxL):
+  """Rank of each position by descending score within its row (0 = highest); ties by position."""
+  order = jnp.argsort(-scores_BxL, axis=-1, stable=True)
+  return jnp.argsort(order, axis=-1, stable=True)
+
+
+def commit_top(scores_BxL, candidates_BxL, count_B):
+  """bool[B, L]: the `count_B` highest-scoring candidates of each row."""
+  scores = jnp.where(candidates_BxL, scores_BxL, -jnp.inf)
+  return candidates_BxL & (rank_desc(scores) < count_B[:, None])
+
+
+# ----------------------------------------------------------------------------- time
+
+
+def time_grid(kind: str, i, steps: int):
+  """t at step i of the reverse process (t_0 = 1, t_steps = 0)."""
+  s = i / steps
+  return 1.0 - s if kind == "uniform" else jnp.cos(0.5 * math.pi * s)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One sampling call's fixed pieces, shared by the strategy loops."""
+
+  denoiser: Callable
+  keys_B: jax.Array
+  given_BxL: jax.Array
+  cfg: SamplerConfig
+  schedule: Schedule  # the bound schedule (linear for the mlm case)
+  mask_id: int
+  record_steps: int  # trajectory frames to keep (0 = none)
+  time_independent: bool
+
+  @property
+  def batch_size(self) -> int:
+    return self.given_BxL.shape[0]
+
+  @property
+  def length(self) -> int:
+    return self.given_BxL.shape[1]
+
+  def step_keys(self, i):
+    """[B, 4] keys of step i: the token draw, the reveal draw, the remask draw, the random confidence."""
+    return jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, i), 4))(self.keys_B)
+
+  def masked_time(self, x_BxL):
+    """float32[B]: the t at which a row with this many [MASK] is typical, 1 - alpha(t) = masked fraction.
+
+    The commit-by-confidence samplers have no time grid of their own; a time-conditioned denoiser
+    must still see the noise level it was trained at for the row's current masking.
+    """
+    fraction_B = jnp.mean(x_BxL == self.mask_id, axis=-1, dtype=jnp.float32)
+    return self.schedule.inverse_alpha(1.0 - fraction_B)
+
+  def trajectory(self):
+    return jnp.zeros((self.record_steps, self.batch_size, self.length), jnp.int32)
+
+  def record(self, traj, i, x_BxL):
+    return traj.at[i].set(x_BxL) if self.record_steps else traj
+
+
+def guided(denoiser, given_BxL, mask_id: int, weight: float):
+  """Classifier-free guidance on the given tokens: uncond + (1 + w) (cond - uncond).
+
+  The unconditional pass sees the same sequence with every given position masked, i.e. only what
+  has been generated so far (the condition-dropout view of a model trained with it).
+  """
+
+  def fn(x, t):
+    cond = denoiser(x, t).astype(jnp.float32)
+    uncond = denoiser(jnp.where(given_BxL, mask_id, x), t).astype(jnp.float32)
+    return uncond + (1.0 + weight) * (cond - uncond)
+
+  return fn

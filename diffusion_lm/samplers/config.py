@@ -1,0 +1,101 @@
+"""SamplerConfig: what every strategy reads, checked once with one-line errors."""
+
+import dataclasses
+
+import numpy as np
+
+from diffusion_lm.errors import UserError
+
+SAMPLERS = ("ancestral", "confidence", "blocks", "threshold", "remdm")
+CONFIDENCES = ("max_prob", "margin", "entropy", "random")
+COMMIT_SCHEDULES = ("linear", "cosine")
+TIME_GRIDS = ("uniform", "cosine")
+REMASK_SCHEDULES = ("cap", "rescale", "conf", "loop")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """How to sample; built from `config.sampling` and command-line flags."""
+
+  name: str = "ancestral"
+  steps: int = 64  # denoiser steps T (threshold: the most it may take; it stops early when done)
+  temperature: float = 1.0  # 0 = argmax
+  top_k: int = 0  # keep the k most likely tokens (0 = all)
+  top_p: float = 1.0  # nucleus: keep the smallest set with this much probability (1 = all)
+  float64: bool = False  # draw categorical samples with float64 Gumbel noise
+  time_grid: str = "uniform"  # ancestral/remdm: uniform | cosine
+  cache: bool = True  # ancestral/remdm: reuse logits when a step changed nothing (time-independent models)
+  confidence: str = "max_prob"  # confidence/blocks/threshold, and remdm's conf schedule: how sure a prediction is
+  commit_schedule: str = "linear"  # confidence/blocks: how many to commit per step
+  block_length: int = 32  # blocks: tokens per block
+  threshold: float = 0.9  # threshold: commit predictions at least this confident
+  remask_schedule: str = "cap"  # remdm: cap | rescale | conf | loop (Wang et al. 2025)
+  remask_eta: float = 0.05  # remdm: eta of cap / rescale / loop (unused by conf)
+  remask_t_on: float = 1.0  # remdm: remasking only while t_off < t <= t_on (switch); loop: its window
+  remask_t_off: float = 0.0
+  remask_alpha_on: float = 0.9  # remdm loop: alpha held inside the loop window
+  guidance: float = 0.0  # classifier-free guidance weight on the given tokens (0 = off)
+
+  def __post_init__(self):
+    _choice("sampler", self.name, SAMPLERS)
+    _choice("confidence", self.confidence, CONFIDENCES)
+    _choice("commit_schedule", self.commit_schedule, COMMIT_SCHEDULES)
+    _choice("time_grid", self.time_grid, TIME_GRIDS)
+    _choice("remask_schedule", self.remask_schedule, REMASK_SCHEDULES)
+    check_steps(self.steps)
+    if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+      raise UserError(f"temperature={self.temperature}; allowed: a number >= 0")
+    if not (isinstance(self.top_k, int) and self.top_k >= 0):
+      raise UserError(f"top_k={self.top_k}; allowed: an integer >= 0 (0 = off)")
+    if not 0 < self.top_p <= 1:
+      raise UserError(f"top_p={self.top_p}; allowed: 0 < top_p <= 1")
+    if not 0 < self.threshold <= 1:
+      raise UserError(f"threshold={self.threshold}; allowed: 0 < threshold <= 1")
+    if not 0 <= self.remask_eta <= 1:
+      raise UserError(f"remask_eta={self.remask_eta}; allowed: 0 <= remask_eta <= 1")
+    if not 0 <= self.remask_t_off <= self.remask_t_on <= 1:
+      raise UserError(f"remask_t_on={self.remask_t_on}, remask_t_off={self.remask_t_off}; allowed: "
+                      "0 <= t_off <= t_on <= 1")
+    if not 0 < self.remask_alpha_on < 1:
+      raise UserError(f"remask_alpha_on={self.remask_alpha_on}; allowed: 0 < alpha_on < 1")
+    if self.name == "remdm" and self.remask_schedule == "loop":
+      # Inside the loop alpha is constant; the posterior stays a distribution only while
+      # eta <= (1 - alpha_on) / alpha_on.
+      limit = (1.0 - self.remask_alpha_on) / self.remask_alpha_on
+      if self.remask_eta > limit:
+        raise UserError(f"remask_eta={self.remask_eta} with remask_alpha_on={self.remask_alpha_on}; allowed: "
+                        f"eta <= (1 - alpha_on) / alpha_on = {limit:.4g}")
+      if not 0 < self.remask_t_off < self.remask_t_on < 1:
+        raise UserError(f"remask_t_on={self.remask_t_on}, remask_t_off={self.remask_t_off} for the loop; "
+                        "allowed: 0 < t_off < t_on < 1 (e.g. 0.55 and 0.05)")
+    if not (isinstance(self.block_length, int) and self.block_length >= 1):
+      raise UserError(f"block_length={self.block_length}; allowed: an integer >= 1")
+    if self.guidance < 0:
+      raise UserError(f"guidance={self.guidance}; allowed: a number >= 0")
+
+  def check_length(self, length: int, num_masked: int) -> None:
+    """Checks the settings against a sequence of `length` with `num_masked` positions to fill."""
+    if self.name == "blocks":
+      if length % self.block_length:
+        raise UserError(f"block_length={self.block_length} does not divide the sequence length {length};"
+                        f" allowed: a divisor of {length}")
+      num_blocks = length // self.block_length
+      if self.steps % num_blocks:
+        raise UserError(f"steps={self.steps} is not a multiple of the {num_blocks} blocks; allowed: a "
+                        f"multiple of {num_blocks}")
+      if self.steps // num_blocks > self.block_length:
+        raise UserError(f"steps={self.steps} gives {self.steps // num_blocks} steps per block of "
+                        f"{self.block_length} tokens; allowed: at most {self.block_length * num_blocks}")
+    if self.name == "confidence" and self.steps > num_masked:
+      raise UserError(f"steps={self.steps} exceeds the {num_masked} positions to generate; the confidence "
+                      f"sampler commits at least one per step: allowed at most {num_masked}")
+
+
+def _choice(name, value, allowed):
+  if value not in allowed:
+    raise UserError(f"{name}={value!r}; allowed: {', '.join(allowed)}")
+
+
+def check_steps(steps) -> None:
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    raise UserError(f"steps={steps!r}; allowed: an integer >= 1")

@@ -1,0 +1,109 @@
+"""The reverse process on a time grid: ancestral sampling (MD4 / MDLM) and ReMDM remasking.
+
+ReMDM (Wang et al. 2025) generalises the masked-diffusion posterior with a remasking probability
+sigma_t for tokens already generated:
+
+  z_t generated:  keep it with prob 1 - sigma,  [MASK] it with prob sigma
+  z_t = [MASK]:   reveal (a draw from the denoiser) with prob (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t)
+
+valid for 0 <= sigma <= sigma_max = min(1, (1 - alpha_s) / alpha_t). Schedules of sigma:
+  cap      sigma = min(eta, sigma_max)
+  rescale  sigma = eta * sigma_max
+  conf     per generated position, sigma_l = sigma_max * softmax_l(-confidence at decode time): the
+           step's remasking mass sigma_max is spread over generated tokens, least confident first;
+           masked positions use sigma = 0 (they are revealed at the plain ancestral rate)
+  loop     alpha follows a three-phase path: ancestral from alpha = 0 at t = 1 to alpha_on at t_on,
+           then alpha held at alpha_on with sigma = eta until t_off (tokens revised at the rate
+           they are revealed), then ancestral to alpha = 1 at t = 0
+cap / rescale / conf remask only while t_off < t <= t_on ("switch"; the defaults 1 and 0 mean always).
+Ancestral sampling is sigma = 0: the same loop, draw for draw. When a step changes nothing and the
+denoiser ignores t, the next step reuses its logits (the "no change" cache).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_lm.samplers.common import Run, SampleOutput, confidence_scores, draw_tokens, time_grid
+
+
+def _alpha_path(run: Run, t):
+  """alpha at grid time t: the trained schedule, or the loop's three-phase path."""
+  cfg = run.cfg
+  if cfg.name == "remdm" and cfg.remask_schedule == "loop":
+    a_on, t_on, t_off = cfg.remask_alpha_on, cfg.remask_t_on, cfg.remask_t_off
+    before = (1.0 - t) * a_on / (1.0 - t_on)
+    after = 1.0 - t * (1.0 - a_on) / t_off
+    return jnp.where(t > t_on, before, jnp.where(t <= t_off, after, a_on))
+  return run.schedule.alpha(t)
+
+
+def step_rates(run: Run, i):
+  """The step-i quantities shared by every position: (t for the denoiser, alpha_t, alpha_s, sigma, sigma_max).
+
+  sigma is the scalar remasking probability of cap / rescale / loop (0 for ancestral, and for conf,
+  whose per-position values come from sigma_max).
+  """
+  cfg = run.cfg
+  t, s = time_grid(cfg.time_grid, i, cfg.steps), time_grid(cfg.time_grid, i + 1, cfg.steps)
+  alpha_t, alpha_s = _alpha_path(run, t), _alpha_path(run, s)
+  sigma_max = jnp.minimum(1.0, (1.0 - alpha_s) / jnp.maximum(alpha_t, 1e-12))
+  if cfg.name == "ancestral":
+    sigma = jnp.zeros(())
+  else:
+    active = (t <= cfg.remask_t_on) & (t > cfg.remask_t_off)
+    sigma = {"cap": jnp.minimum(cfg.remask_eta, sigma_max), "rescale": cfg.remask_eta * sigma_max,
+             "conf": jnp.zeros(()), "loop": jnp.minimum(cfg.remask_eta, sigma_max)}[cfg.remask_schedule]
+    sigma = jnp.where(active, sigma, 0.0)
+    sigma_max = jnp.where(active, sigma_max, 0.0)
+  last = i == cfg.steps - 1
+  sigma, sigma_max = jnp.where(last, 0.0, sigma), jnp.where(last, 0.0, sigma_max)
+  # The denoiser sees the trained schedule's time of the current noise level.
+  t_model = run.schedule.inverse_alpha(alpha_t) if cfg.remask_schedule == "loop" and cfg.name == "remdm" else t
+  return t_model, alpha_t, alpha_s, sigma, sigma_max
+
+
+def sample(run: Run, tokens_BxL) -> SampleOutput:
+  cfg = run.cfg
+  conf_remask = cfg.name == "remdm" and cfg.remask_schedule == "conf"
+  use_cache = cfg.cache and run.time_independent
+  batch_size, length, mask_id = run.batch_size, run.length, run.mask_id
+  vocab = jax.eval_shape(run.denoiser, tokens_BxL, jnp.zeros((batch_size,), jnp.float32)).shape[-1]
+
+  def body(i, carry):
+    x, conf, logits, changed, traj, used, calls = carry
+    t, alpha_t, alpha_s, sigma, sigma_max = step_rates(run, i)
+    recompute = changed if use_cache else jnp.array(True)
+    # A step that changed nothing left the input as it was: a time-independent denoiser's logits too.
+    logits = jax.lax.cond(recompute, lambda: run.denoiser(x, jnp.full((batch_size,), t, jnp.float32)).astype(
+        jnp.float32), lambda: logits)
+    keys = run.step_keys(i)
+    proposal, probs = draw_tokens(keys[:, 0], logits, cfg)
+    masked = x == mask_id
+    generated = ~masked & ~run.given_BxL
+    if conf_remask:
+      weights = jax.nn.softmax(jnp.where(generated, -conf, -jnp.inf), axis=-1)
+      sigma_BxL = sigma_max * jnp.where(generated, weights, 0.0)
+    else:
+      sigma_BxL = jnp.broadcast_to(sigma, x.shape)
+    reveal_prob = jnp.where(
+        i == cfg.steps - 1, 1.0, (alpha_s - (1.0 - sigma_BxL) * alpha_t) / jnp.maximum(1.0 - alpha_t, 1e-12))
+    u_reveal = jax.vmap(lambda k: jax.random.uniform(k, (length,)))(keys[:, 1])
+    reveal = masked & (u_reveal < reveal_prob)
+    if cfg.name == "ancestral":
+      remask = jnp.zeros_like(masked)
+    else:
+      u_remask = jax.vmap(lambda k: jax.random.uniform(k, (length,)))(keys[:, 2])
+      remask = generated & (u_remask < sigma_BxL)
+    used = used + jnp.any(masked | remask, axis=-1).astype(jnp.int32)
+    x = jnp.where(reveal, proposal, jnp.where(remask, mask_id, x))
+    if conf_remask:
+      conf = jnp.where(reveal, confidence_scores(keys[:, 3], probs, proposal, cfg.confidence), conf)
+    return (x, conf, logits, jnp.any(reveal | remask), run.record(traj, i, x), used,
+            calls + recompute.astype(jnp.int32))
+
+  conf0 = jnp.zeros((batch_size, length), jnp.float32)
+  logits0 = jnp.zeros((batch_size, length, vocab), jnp.float32)
+  init = (tokens_BxL, conf0, logits0, jnp.array(True), run.trajectory(), jnp.zeros((batch_size,), jnp.int32),
+          jnp.int32(0))
+  x, _, _, _, traj, used, calls = jax.lax.fori_loop(0, cfg.steps, body, init)
+  return SampleOutput(x, traj, used, calls)
