@@ -70,25 +70,29 @@ def get_config(arg=None):
 
   config.evaluation = ev = ml_collections.ConfigDict()
   ev.batch_size = 64  # sequences per evaluation batch
-  ev.max_batches = 0  # cap on validation batches (0: the whole split)
+  ev.max_batches = 0  # cap N: a seeded subset of N x batch_size windows spread over the split (0: all windows)
   ev.num_t_samples = 4  # stratified time draws per sequence for the ELBO
   ev.discrete_steps = 0  # also report the exact T-step discrete-time bound for this T (0 = off)
-  ev.seed = 0  # fixed: evaluation numbers are reproducible
+  ev.seed = 0  # fixed (>= 0): the capped subset and the time draws, so evaluation numbers are reproducible
 
   config.sampling = smp = ml_collections.ConfigDict()
   smp.name = "ancestral"  # ancestral | confidence | blocks | threshold | remdm (see diffusion_lm/sampling.py)
-  smp.steps = 128  # denoising steps T (threshold: an upper bound is the length)
+  smp.steps = 128  # denoising steps T (threshold: the most it may take; it stops when nothing is masked)
   smp.temperature = 1.0  # softmax temperature (0 = argmax)
   smp.top_k = 0  # keep only the k most likely tokens (0 = off)
   smp.top_p = 1.0  # nucleus sampling mass (1 = off)
   smp.float64 = False  # float64 Gumbel noise for the categorical draws
   smp.time_grid = "uniform"  # ancestral/remdm time grid: uniform | cosine
-  smp.cache = True  # ancestral: reuse logits after a step that revealed nothing
-  smp.confidence = "max_prob"  # confidence/blocks/threshold: max_prob | margin | entropy | random
+  smp.cache = True  # ancestral/remdm: reuse logits after a step that changed nothing (time-independent models)
+  smp.confidence = "max_prob"  # confidence/blocks/threshold/remdm-conf: max_prob | margin | entropy | random
   smp.commit_schedule = "linear"  # confidence/blocks: tokens committed per step, linear | cosine
   smp.block_length = 32  # blocks: tokens per semi-autoregressive block
   smp.threshold = 0.9  # threshold: commit every prediction at least this confident
-  smp.remask_eta = 0.05  # remdm: cap on the per-step remasking probability
+  smp.remask_schedule = "cap"  # remdm (Wang et al. 2025): cap | rescale | conf | loop
+  smp.remask_eta = 0.05  # remdm: eta of cap (sigma <= eta), rescale (sigma = eta sigma_max) and loop
+  smp.remask_t_on = 1.0  # remdm: remask only while t_off < t <= t_on; loop: the window alpha is held in
+  smp.remask_t_off = 0.0  # (the paper's OWT loop: t_on 0.55, t_off 0.05, alpha_on 0.9, eta 0.02)
+  smp.remask_alpha_on = 0.9  # remdm loop: alpha held inside the window
   smp.guidance = 0.0  # classifier-free guidance weight on given tokens (0 = off)
   smp.num_samples = 4  # samples printed during training
   smp.prompt = ""  # prefix held fixed in training-time samples
