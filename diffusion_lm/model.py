@@ -30,6 +30,7 @@ class ModelConfig:
   max_len: int = 128
   time_conditioning: bool = False
   causal: bool = False
+  block_size: int = 0  # block diffusion (objective "block"): tokens per block; 0 = not block-structured
   dtype: str = "float32"
   remat: bool = False
   rope_base: float = 10000.0
@@ -50,9 +51,14 @@ class ModelConfig:
     return self.d_model // self.num_heads
 
   def flops_per_token(self, seq_len: int, training: bool = True) -> float:
-    """Model FLOPs per token: 2N forward (x3 with the backward pass) over the matmul parameters N,
-    plus the attention score and value products. The MFU numerator."""
-    n = self.num_layers * (4 * self.d_model**2 + 3 * self.d_model * self.mlp_dim) + self.d_model * self.padded_vocab
+    """Model FLOPs per token (the MFU numerator): 2N forward (x3 with the backward pass) over the matmul
+    parameters N, plus the attention score and value products over all seq_len keys.
+
+    N counts the output head over the vocab_size data tokens only: its [MASK] and padding columns are
+    computed and then dropped, so they are hardware FLOPs, not model FLOPs. The input embedding is a
+    lookup (no FLOPs), and the per-sequence time conditioning is left out (not per token).
+    """
+    n = self.num_layers * (4 * self.d_model**2 + 3 * self.d_model * self.mlp_dim) + self.d_model * self.vocab_size
     attention = 2 * 2 * self.num_layers * seq_len * self.d_model
     return (3 if training else 1) * (2 * n + attention)
 
@@ -80,12 +86,12 @@ class RMSNorm(nn.Module):
     return (x * scale).astype(self.dtype)
 
 
-def apply_rope(x_BxLxHxD, base: float, offset=0):
-  """Rotary position embedding on the last axis (pairs (i, i + D/2)); positions start at `offset`."""
+def apply_rope(x_BxLxHxD, base: float, positions_L=None):
+  """Rotary position embedding on the last axis (pairs (i, i + D/2)) at `positions_L` (default 0..L-1)."""
   length, head_dim = x_BxLxHxD.shape[1], x_BxLxHxD.shape[-1]
   inv_freq = 1.0 / base**(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  positions = offset + jnp.arange(length, dtype=jnp.float32)
-  angles_LxD2 = positions[:, None] * inv_freq[None, :]
+  positions = jnp.arange(length) if positions_L is None else positions_L
+  angles_LxD2 = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
   sin = jnp.sin(angles_LxD2)[None, :, None, :]
   cos = jnp.cos(angles_LxD2)[None, :, None, :]
   x1, x2 = jnp.split(x_BxLxHxD.astype(jnp.float32), 2, axis=-1)
@@ -105,7 +111,8 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, cond_BxD, decode: bool = False):
+  def __call__(self, x_BxLxD, cond_BxD, decode: bool = False, commit: bool = True, positions_L=None,
+               mask_QxK=None):
     cfg = self.config
     dtype = DTYPES[cfg.dtype]
     if cond_BxD is not None:
@@ -124,10 +131,11 @@ class Block(nn.Module):
     q, k, v = (jnp.einsum("bld,dhk->blhk", h, self.param(name, init, shape).astype(dtype))
                for name in ("query", "key", "value"))
     if decode:
-      attn = self._cached_attention(q, k, v)
+      attn = self._cached_attention(q, k, v, commit)
     else:
-      q, k = apply_rope(q, cfg.rope_base), apply_rope(k, cfg.rope_base)
-      attn = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal)
+      q, k = apply_rope(q, cfg.rope_base, positions_L), apply_rope(k, cfg.rope_base, positions_L)
+      mask = None if mask_QxK is None else mask_QxK[None, None]
+      attn = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=cfg.causal and mask is None)
     w_out = self.param("out", _dense_init(("heads", "kv", "embed")), (cfg.num_heads, cfg.head_dim, cfg.d_model))
     attn = jnp.einsum("blhk,hkd->bld", attn, w_out.astype(dtype))
     x_BxLxD = x_BxLxD + attn * (1 + gate1)
@@ -144,31 +152,54 @@ class Block(nn.Module):
     x_BxLxD = x_BxLxD + h * (1 + gate2)
     return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
 
-  def _cached_attention(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD):
-    """Causal attention with a key/value cache ("cache" collection): one new position per call.
+  def _cached_attention(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, commit: bool):
+    """Attention over a key/value cache ("cache" collection) plus the chunk of positions passed now.
 
-    The first call (the cache does not exist yet) only creates the cache; each later call appends
-    its key/value at the cache index and attends over every position up to it.
+    The chunk sits at absolute positions index .. index + C - 1 and sees every cached position before
+    it and itself (causal models: causally; block diffusion: the whole chunk, bidirectionally). With
+    commit=True its keys/values stay in the cache and the index advances past it; otherwise the cache is
+    left as it was, so a block can be denoised many times against the same prefix.
+
+    The cache is a ring of `cache_size` slots (max_len, rounded down to whole blocks): generation may
+    run past max_len, each chunk then seeing the last cache_size positions, the window the model was
+    trained on (rotary embeddings are relative, so a sliding window needs no re-encoding).
+    The first call (the cache does not exist yet) only creates the cache.
     """
     cfg = self.config
-    batch, length = q_BxLxHxD.shape[:2]
+    batch, chunk = q_BxLxHxD.shape[:2]
+    size = cache_size(cfg)
     exists = self.has_variable("cache", "key")
-    shape = (batch, cfg.max_len, cfg.num_heads, cfg.head_dim)
+    shape = (batch, size, cfg.num_heads, cfg.head_dim)
     cached_k = self.variable("cache", "key", jnp.zeros, shape, k_BxLxHxD.dtype)
     cached_v = self.variable("cache", "value", jnp.zeros, shape, v_BxLxHxD.dtype)
+    slot_positions = self.variable("cache", "positions", lambda: jnp.full((size,), -1, jnp.int32))
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
     if not exists:
       return jnp.zeros_like(q_BxLxHxD)
-    if length != 1:
-      raise UserError(f"cached decoding takes one position per call, got {length}")
+    if size % chunk:
+      raise UserError(f"cached chunks of {chunk} positions do not tile the {size}-slot cache; allowed: a "
+                      f"divisor of {size}")
     pos = index.value
-    q = apply_rope(q_BxLxHxD, cfg.rope_base, offset=pos)
-    k = apply_rope(k_BxLxHxD, cfg.rope_base, offset=pos)
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, pos, 0, 0))
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxLxHxD, (0, pos, 0, 0))
-    index.value = pos + 1
-    visible = (jnp.arange(cfg.max_len) <= pos)[None, None, None, :]
-    return jax.nn.dot_product_attention(q, cached_k.value, cached_v.value, mask=visible)
+    positions_C = pos + jnp.arange(chunk, dtype=jnp.int32)
+    q = apply_rope(q_BxLxHxD, cfg.rope_base, positions_C)
+    k = apply_rope(k_BxLxHxD, cfg.rope_base, positions_C)
+    slot = pos % size  # chunks start at multiples of their length, so a chunk never wraps
+    keys = jax.lax.dynamic_update_slice(cached_k.value, k, (0, slot, 0, 0))
+    values = jax.lax.dynamic_update_slice(cached_v.value, v_BxLxHxD, (0, slot, 0, 0))
+    held = jax.lax.dynamic_update_slice(slot_positions.value, positions_C, (slot,))
+    if cfg.causal:
+      visible = (held[None, :] >= 0) & (held[None, :] <= positions_C[:, None])
+    else:
+      visible = jnp.broadcast_to((held >= 0) & (held < pos + chunk), (chunk, size))
+    if commit:
+      cached_k.value, cached_v.value, slot_positions.value = keys, values, held
+      index.value = pos + chunk
+    return jax.nn.dot_product_attention(q, keys, values, mask=visible[None, None])
+
+
+def cache_size(cfg: ModelConfig) -> int:
+  """Slots of the decoding cache: max_len, rounded down to whole blocks for block diffusion."""
+  return cfg.max_len - cfg.max_len % cfg.block_size if cfg.block_size else cfg.max_len
 
 
 class Transformer(nn.Module):
@@ -177,13 +208,20 @@ class Transformer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, t_B=None, decode: bool = False):
-    """decode=True (causal models): one position per call through the "cache" collection."""
+  def __call__(self, tokens_BxL, t_B=None, decode: bool = False, *, commit: bool = True, positions_L=None,
+               mask_QxK=None):
+    """Logits for every position.
+
+    decode=True (causal and block-diffusion models): the tokens are the next chunk after the "cache"
+    collection's positions (see Block._cached_attention); commit=False leaves the cache unchanged.
+    positions_L / mask_QxK (bool[L, L], True = may attend): explicit positions and attention pattern,
+    e.g. block diffusion's noisy and clean copies side by side.
+    """
     cfg = self.config
-    if decode and not cfg.causal:
-      raise UserError("cached decoding needs a causal model (objective='ar')")
+    if decode and not (cfg.causal or cfg.block_size):
+      raise UserError("cached decoding needs a causal or block-diffusion model (objective='ar' or 'block')")
     dtype = DTYPES[cfg.dtype]
-    if tokens_BxL.shape[1] > cfg.max_len:
+    if tokens_BxL.shape[1] > cfg.max_len and positions_L is None and not decode:
       raise UserError(f"sequence length {tokens_BxL.shape[1]} exceeds model.max_len={cfg.max_len}")
     embed = nn.Embed(cfg.padded_vocab, cfg.d_model, dtype=dtype, name="embed",
                      embedding_init=nn.with_logical_partitioning(
@@ -202,9 +240,9 @@ class Transformer(nn.Module):
                       kernel_init=_dense_init(("mlp", "embed")))(nn.silu(cond))
       cond = nn.silu(cond)
 
-    block = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
+    block = nn.remat(Block, static_argnums=(3, 4)) if cfg.remat else Block
     for i in range(cfg.num_layers):
-      x = block(cfg, name=f"block_{i}")(x, cond, decode)
+      x = block(cfg, name=f"block_{i}")(x, cond, decode, commit, positions_L, mask_QxK)
     x = RMSNorm(dtype, name="final_norm")(x)
     logits = nn.Dense(cfg.padded_vocab, dtype=dtype, use_bias=False, name="head",
                       kernel_init=_dense_init(("embed", "vocab")))(x)
