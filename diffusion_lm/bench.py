@@ -220,11 +220,13 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "Trained diffusion workdir (else --config with fresh parameters).")
   flags.DEFINE_string("ar_workdir", None, "Trained AR baseline: timed as the decoder and used as the judge.")
   config_flags.DEFINE_config_file("config", None, "Config whose model to benchmark with fresh parameters.")
-  flags.DEFINE_list("parts", ["train", "sampling", "quality"], "Which parts to run.")
+  flags.DEFINE_list("parts", ["train", "sampling", "quality"], "Parts to run, comma-separated; choices: train, "
+                    "sampling, quality.")
   flags.DEFINE_list("batches", ["1", "32"], "Batch sizes for sampling.")
   flags.DEFINE_integer("seq_len", 256, "Tokens per generated sequence.")
   flags.DEFINE_list("steps", ["32", "64", "256"], "Step counts T.")
-  flags.DEFINE_list("samplers", list(sampling.SAMPLERS), "Samplers to time.")
+  flags.DEFINE_list("samplers", list(sampling.SAMPLERS),
+                    f"Samplers to time, comma-separated; choices: {', '.join(sampling.SAMPLERS)}.")
   flags.DEFINE_integer("repeats", 1, "Timed runs per setting (after compiling); the minimum is kept.")
   flags.DEFINE_integer("train_steps", 5, "Timed train steps (after one compile step).")
   flags.DEFINE_integer("block_length", 32, "blocks sampler: tokens per block.")

@@ -18,18 +18,36 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def make_manager(workdir: str, save_every: int = 1, keep: int = 3, read_only: bool = False):
+  """A manager for training (async saves, the given policies) or, with read_only, for loading only.
+
+  The loading manager never writes: it creates no directory, leaves temporary step directories alone
+  (a training run may be writing one right now), writes no root metadata, runs no background thread,
+  and it refuses to save or delete. orbax's own `read_only` option would add nothing to that but
+  warnings on stderr: one for every save setting it has to switch off, and one on every construction.
+  """
   if save_every < 1 or keep < 1:
     raise UserError(f"training.checkpoint_every={save_every}, training.keep_checkpoints={keep};"
                     " allowed: integers >= 1")
-  options = ocp.CheckpointManagerOptions(
-      save_decision_policy=policies.FixedIntervalPolicy(save_every),
-      preservation_policy=policies.LatestN(keep),
-      enable_async_checkpointing=not read_only,
-      create=not read_only,
-      read_only=read_only,
-      cleanup_tmp_directories=not read_only,  # remove what a killed save left half-written
-  )
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  if read_only:
+    options = ocp.CheckpointManagerOptions(
+        create=False, cleanup_tmp_directories=False, save_root_metadata=False, enable_async_checkpointing=False)
+  else:
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=policies.FixedIntervalPolicy(save_every),
+        preservation_policy=policies.LatestN(keep),
+        cleanup_tmp_directories=True,  # remove what a killed save left half-written
+    )
+  return (_LoadingManager if read_only else ocp.CheckpointManager)(checkpoint_dir(workdir), options=options)
+
+
+class _LoadingManager(ocp.CheckpointManager):
+  """A CheckpointManager that restores only (sample, evaluate and the resume check load with it)."""
+
+  def save(self, step, *args, **kwargs):
+    raise RuntimeError(f"checkpoint manager opened for loading only; cannot save step {step}")
+
+  def delete(self, step):
+    raise RuntimeError(f"checkpoint manager opened for loading only; cannot delete step {step}")
 
 
 def save(manager, step: int, state, data_state: dict, config_dict: dict, force: bool = False) -> bool:

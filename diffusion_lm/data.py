@@ -24,7 +24,7 @@ import lzma
 import os
 import time
 import zlib
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import grain
 import numpy as np
@@ -357,6 +357,29 @@ def _prepare(builder, data_dir: str):
 # ----------------------------------------------------------------------------- tokenization cache
 
 
+def token_char_counts(tokenizer) -> np.ndarray:
+  """Characters of text each data token id stands for: int32[vocab_size].
+
+  Summed over a run of tokens this gives the characters of the text the run encodes, exactly: a
+  character is counted at the token holding its first UTF-8 byte (SentencePiece byte-fallback pieces
+  of one character count 1, 0, ...), and the end-of-document token counts one, as in
+  `TokenizedSplit.num_chars`. Bits per character of any set of windows come from it without decoding.
+  """
+  counts = np.ones(tokenizer.vocab_size, dtype=np.int32)
+  if tokenizer.kind == "char":
+    return counts  # one id per character, plus end-of-document
+  if tokenizer.kind != "sentencepiece":
+    raise UserError(f"tokenizer kind {tokenizer.kind!r}; allowed: char, sentencepiece")
+  sp = tokenizer.sp
+  for i in range(tokenizer.vocab_size):
+    if sp.is_byte(i):
+      byte = int(sp.id_to_piece(i)[3:5], 16)
+      counts[i] = 0 if 0x80 <= byte < 0xC0 else 1  # a continuation byte starts no character
+    elif not (sp.is_control(i) or sp.is_unknown(i)):
+      counts[i] = len(sp.id_to_piece(i))  # "\u2581" stands for one space
+  return counts
+
+
 @dataclasses.dataclass
 class TokenizedSplit:
   tokens: np.ndarray  # int32 (memory-mapped), documents separated by eos_id
@@ -401,14 +424,20 @@ def tokenize_split(text_split: TextSplit, tokenizer, cache_dir: str) -> Tokenize
 
 
 class Windows:
-  """Non-overlapping windows of `seq_len` tokens over a token stream (the tail is dropped)."""
+  """Non-overlapping windows of `seq_len` tokens over a token stream (the tail is dropped).
 
-  def __init__(self, tokens: np.ndarray, seq_len: int, split_name: str = "train"):
+  `token_chars` (int[V], from `token_char_counts`) gives each window's character count, which
+  bits per character needs; windows without it serve training only.
+  """
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, split_name: str = "train",
+               token_chars: np.ndarray | None = None):
     if len(tokens) < seq_len:
       raise UserError(f"the {split_name} split has {len(tokens)} tokens, fewer than one sequence of "
                       f"data.seq_len={seq_len}; allowed: a smaller seq_len or more text")
     self.tokens = tokens
     self.seq_len = seq_len
+    self.token_chars = token_chars
 
   def __len__(self):
     return len(self.tokens) // self.seq_len
@@ -416,6 +445,12 @@ class Windows:
   def rows(self, indices) -> np.ndarray:
     starts = np.asarray(indices, dtype=np.int64) * self.seq_len
     return np.stack([np.asarray(self.tokens[s:s + self.seq_len], dtype=np.int32) for s in starts])
+
+  def row_chars(self, rows_NxL: np.ndarray) -> np.ndarray:
+    """Characters of text each row of tokens encodes: int64[N]."""
+    if self.token_chars is None:
+      raise ValueError("these windows were built without token_chars; pass data.token_char_counts(tokenizer)")
+    return np.asarray(self.token_chars, dtype=np.int64)[rows_NxL].sum(axis=-1)
 
 
 def train_dataset(windows: Windows, global_batch: int, seed: int, process_index: int = 0,
@@ -436,16 +471,45 @@ def make_train_iterator(windows: Windows, global_batch: int, seed: int, process_
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
 
 
-def eval_batches(windows: Windows, batch_size: int, max_batches: int = 0):
-  """Yields (tokens int32[B, L], valid bool[B]) over the windows in order; the last batch is padded."""
-  n = len(windows)
-  if max_batches > 0:
-    n = min(n, max_batches * batch_size)
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, min(start + batch_size, n))
+def eval_window_ids(num_windows: int, batch_size: int, max_batches: int = 0, seed: int = 0) -> np.ndarray:
+  """Indices of the windows an evaluation scores, increasing: int64[n].
+
+  Uncapped (max_batches = 0, or a split of at most max_batches * batch_size windows): every window.
+  Capped: M = max_batches * batch_size windows, one drawn uniformly from each of M consecutive strata
+  of (nearly, +-1 window) equal size, by a numpy generator seeded with `seed`. Windows follow document
+  order, so every 1/M-th stretch of the split contributes one window: all documents longer than that
+  are represented, where the first M windows would cover the first documents only and a plain random
+  subset leaves gaps and clusters by chance (a noisier estimate). The draw depends on nothing but these
+  arguments, so every process picks the same windows whatever the process and device counts.
+  """
+  if max_batches < 0:
+    raise UserError(f"evaluation.max_batches={max_batches}; allowed: an integer >= 0 (0: the whole split)")
+  cap = max_batches * batch_size
+  if not max_batches or num_windows <= cap:
+    return np.arange(num_windows, dtype=np.int64)
+  edges = np.arange(cap + 1, dtype=np.int64) * num_windows // cap
+  return np.random.default_rng(seed).integers(edges[:-1], edges[1:]).astype(np.int64)
+
+
+class EvalBatch(NamedTuple):
+  tokens: np.ndarray  # int32[B, L]; padding rows repeat the first row
+  valid: np.ndarray  # bool[B]: False on padding rows
+  window_ids: np.ndarray  # int64[B]: the window each row is (-1 on padding rows)
+  chars: np.ndarray | None  # int64[B]: characters each row encodes (0 on padding); None without token_chars
+
+
+def eval_batches(windows: Windows, batch_size: int, max_batches: int = 0, seed: int = 0) -> Iterator[EvalBatch]:
+  """Global batches over the windows `eval_window_ids` picks, in increasing order; the last is padded."""
+  ids = eval_window_ids(len(windows), batch_size, max_batches, seed)
+  for start in range(0, len(ids), batch_size):
+    idx = ids[start:start + batch_size]
     rows = windows.rows(idx)
+    chars = windows.row_chars(rows) if windows.token_chars is not None else None
     valid = np.ones(batch_size, dtype=bool)
-    if len(idx) < batch_size:
+    pad = batch_size - len(idx)
+    if pad:
       valid[len(idx):] = False
-      rows = np.concatenate([rows, np.repeat(rows[:1], batch_size - len(idx), axis=0)])
-    yield rows, valid
+      rows = np.concatenate([rows, np.repeat(rows[:1], pad, axis=0)])
+      idx = np.concatenate([idx, np.full(pad, -1, np.int64)])
+      chars = None if chars is None else np.concatenate([chars, np.zeros(pad, np.int64)])
+    yield EvalBatch(rows, valid, idx, chars)

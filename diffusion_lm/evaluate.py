@@ -3,7 +3,11 @@
   python -m diffusion_lm.evaluate --workdir=runs/demo [--split=validation --max_batches=0]
 
 Prints nll_per_token (nats), bits_per_token, perplexity (an upper bound: exp of the negative ELBO per
-token) and bits_per_char, from a fixed seed; the line is also appended to WORKDIR/eval.jsonl.
+token) and bits_per_char (total bits over the total characters of the scored windows), from a fixed
+seed; the line is also appended to WORKDIR/eval.jsonl. With a cap (--max_batches=N > 0, or the
+config's evaluation.max_batches) a split of more than N * batch_size windows is scored on a seeded
+stratified subset of that many windows spread over the whole split; the line says so: capped,
+windows_scored, windows_in_split, tokens_scored, chars_scored.
 """
 
 import json
@@ -14,6 +18,7 @@ import sys
 from absl import app, flags
 import jax
 
+from diffusion_lm import sampling
 from diffusion_lm.errors import UserError, cli_main, parse_flags
 
 FLAGS = flags.FLAGS
@@ -23,13 +28,15 @@ def define_flags():
   """Defines this command's flags (only when run as a command, so the module imports cleanly)."""
   flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints and the tokenizer.")
   flags.DEFINE_string("split", None, "Split to evaluate (default: the config's data.eval_split).")
-  flags.DEFINE_integer("max_batches", None, "Cap on batches (default: the config's; 0 = whole split).")
+  flags.DEFINE_integer("max_batches", None, "Cap on batches: N > 0 scores a seeded subset of N x batch_size "
+                       "windows spread over the split (default: the config's; 0 = whole split).")
   flags.DEFINE_integer("num_t_samples", None, "Stratified time draws per sequence (default: the config's).")
   flags.DEFINE_integer("seed", None, "Evaluation seed (default: the config's evaluation.seed).")
   flags.DEFINE_integer("discrete_steps", None, "Also report the exact T-step discrete bound for this T (0 = off).")
   flags.DEFINE_string("judge_workdir", None, "AR checkpoint scoring generated samples (generative perplexity).")
   flags.DEFINE_integer("num_gen_samples", 0, "Samples to generate for generative perplexity and entropy (0 = none).")
-  flags.DEFINE_string("sampler", None, "Sampler for the generated samples (default: the config's).")
+  flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS),
+                    "Sampler for the generated samples (default: the config's).")
   flags.DEFINE_integer("gen_steps", None, "Denoising steps for the generated samples (default: the config's).")
   flags.DEFINE_integer("gen_seed", 0, "Seed of the generated samples.")
   flags.DEFINE_bool("raw_params", False, "Evaluate the raw parameters instead of the EMA parameters.")
@@ -50,11 +57,11 @@ def main(argv):
   for name in ("max_batches", "num_t_samples", "seed", "discrete_steps"):
     if getattr(FLAGS, name) is not None:
       eval_config[name] = getattr(FLAGS, name)
-  windows, tokenized = experiment.load_windows(config, FLAGS.workdir, trained.tokenizer, split)
+  windows, _ = experiment.load_windows(config, FLAGS.workdir, trained.tokenizer, split)
   evaluator = experiment.Evaluator(trained.model, trained.schedule, trained.tokenizer.mask_id, trained.mesh,
                                    trained.param_shardings, eval_config, config.objective,
                                    trained.tokenizer.eos_id)
-  result = evaluator(trained.params, windows, tokenized.chars_per_token)
+  result = evaluator(trained.params, windows)
   record = {
       **result,
       "split": split,

@@ -100,10 +100,11 @@ def load_or_train_tokenizer(config, workdir: str):
 
 
 def load_windows(config, workdir: str, tokenizer, split: str):
-  """(Windows, TokenizedSplit) of a split, tokenized once and cached."""
+  """(Windows with per-token character counts, TokenizedSplit) of a split, tokenized once and cached."""
   text_split = data.load_text_split(config.data, split, data_dir(config, workdir))
   tokenized = data.tokenize_split(text_split, tokenizer, os.path.join(data_dir(config, workdir), "tokens"))
-  return data.Windows(tokenized.tokens, config.data.seq_len, split), tokenized
+  windows = data.Windows(tokenized.tokens, config.data.seq_len, split, data.token_char_counts(tokenizer))
+  return windows, tokenized
 
 
 # ----------------------------------------------------------------------------- model and state
@@ -264,7 +265,12 @@ def eval_step(params, tokens_BxL, valid_B, key, *, model, schedule, mask_id, num
 
 
 class Evaluator:
-  """ELBO on a split: nats and bits per token, perplexity bound, bits per character."""
+  """ELBO on a split: nats and bits per token, perplexity bound, bits per character.
+
+  With `evaluation.max_batches` = N > 0 and a split of more than N * batch_size windows, the score is
+  over a seeded stratified subset of N * batch_size windows spread over the whole split (see
+  `data.eval_window_ids`), the same at every call, so numbers from different steps compare.
+  """
 
   def __init__(self, model, schedule, mask_id, mesh, param_shardings, eval_config, objective="diffusion",
                bos_id=0):
@@ -275,6 +281,9 @@ class Evaluator:
                       f" size {sharding.data_parallel_size(mesh)}")
     if eval_config.num_t_samples < 1:
       raise UserError(f"evaluation.num_t_samples={eval_config.num_t_samples}; allowed: an integer >= 1")
+    _check_max_batches(eval_config.max_batches)
+    if not isinstance(eval_config.seed, int) or eval_config.seed < 0:
+      raise UserError(f"evaluation.seed={eval_config.seed!r}; allowed: an integer >= 0")
     self.mesh, self.config = mesh, eval_config
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self._step = jax.jit(
@@ -284,33 +293,53 @@ class Evaluator:
         in_shardings=(param_shardings, sharding.batch_sharding(mesh), sharding.batch_sharding(mesh), replicated),
         out_shardings=replicated)
 
-  def __call__(self, params, windows, chars_per_token: float, max_batches: int | None = None) -> dict:
+  def __call__(self, params, windows: data.Windows, max_batches: int | None = None) -> dict:
+    """Scores `windows` (built with token_chars); returns per-token and per-character figures.
+
+    Keys: nll_per_token (nats), bits_per_token, perplexity (bound), bits_per_char (total bits over the
+    total characters of the scored windows), capped, windows_scored, windows_in_split, tokens_scored,
+    chars_scored; with discrete_steps, the same figures of the T-step bound suffixed _discrete.
+    """
     cfg = self.config
     key = jax.random.key(cfg.seed)
-    totals = {}
     max_batches = cfg.max_batches if max_batches is None else max_batches
+    _check_max_batches(max_batches)
+    if windows.token_chars is None:
+      raise ValueError("Evaluator needs windows built with token_chars (experiment.load_windows builds them)")
+    totals = {}
+    chars = windows_scored = 0
     per_process = cfg.batch_size // jax.process_count()
     lo = jax.process_index() * per_process
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      for i, (rows, valid) in enumerate(data.eval_batches(windows, cfg.batch_size, max_batches)):
-        tokens = sharding.global_batch_from_local(rows[lo:lo + per_process], self.mesh)
-        valid = sharding.global_batch_from_local(valid[lo:lo + per_process], self.mesh)
+      for i, batch in enumerate(data.eval_batches(windows, cfg.batch_size, max_batches, cfg.seed)):
+        tokens = sharding.global_batch_from_local(batch.tokens[lo:lo + per_process], self.mesh)
+        valid = sharding.global_batch_from_local(batch.valid[lo:lo + per_process], self.mesh)
         for name, value in jax.device_get(self._step(params, tokens, valid, jax.random.fold_in(key, i))).items():
           totals[name] = totals.get(name, 0.0) + float(value)
-    result = _per_token(totals["nats"], totals["tokens"], chars_per_token)
-    result["num_tokens"] = int(totals["tokens"])
+        # Every process knows the whole global batch, so these host-side sums need no collective.
+        chars += int(batch.chars.sum())
+        windows_scored += int(batch.valid.sum())
+    result = _per_token(totals["nats"], totals["tokens"], chars)
+    result.update({"capped": windows_scored < len(windows), "windows_scored": windows_scored,
+                   "windows_in_split": len(windows), "tokens_scored": int(totals["tokens"]), "chars_scored": chars})
     if self.discrete_steps:
-      result.update({f"{k}_discrete": v for k, v in
-                     _per_token(totals["nats_discrete"], totals["tokens"], chars_per_token).items()})
+      discrete = _per_token(totals["nats_discrete"], totals["tokens"], chars)
+      result.update({f"{k}_discrete": v for k, v in discrete.items()})
       result["discrete_steps"] = self.discrete_steps
     return result
 
 
-def _per_token(nats: float, tokens: float, chars_per_token: float) -> dict:
+def _check_max_batches(max_batches) -> None:
+  if not isinstance(max_batches, int) or max_batches < 0:
+    raise UserError(f"evaluation.max_batches={max_batches!r}; allowed: an integer >= 0 (0: the whole split)")
+
+
+def _per_token(nats: float, tokens: float, chars: int) -> dict:
+  """Figures from summed nats over `tokens` tokens that encode `chars` characters of text."""
   nll = nats / tokens
   bits = nll / math.log(2.0)
   return {"nll_per_token": nll, "bits_per_token": bits, "perplexity": math.exp(nll),
-          "bits_per_char": bits / chars_per_token}
+          "bits_per_char": nats / math.log(2.0) / chars}
 
 
 def config_to_dict(config) -> dict:

@@ -16,37 +16,48 @@ from diffusion_lm.errors import UserError, cli_main, parse_flags
 
 FLAGS = flags.FLAGS
 
-_OVERRIDES = ("steps", "temperature", "top_k", "top_p", "float64", "time_grid", "cache", "confidence",
-              "commit_schedule", "block_length", "threshold", "remask_eta", "guidance")
+# Flags that override the checkpoint config's sampling.<name> when given (None: keep the config's).
+# A new sampler setting is a flag in define_flags' sampler groups and its name here.
+_OVERRIDES = ("steps", "temperature", "top_k", "top_p", "float64", "guidance", "time_grid", "cache", "confidence",
+              "commit_schedule", "block_length", "threshold", "remask_eta")
 
 
 def define_flags():
   """Defines this command's flags (only when run as a command, so the module imports cleanly)."""
+  # What to sample from, and what to generate.
   flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints and the tokenizer.")
+  flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA parameters.")
   flags.DEFINE_integer("num_samples", 4, "Number of sequences to generate.")
-  flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS), "Sampling strategy (default: the config's).")
-  flags.DEFINE_integer("steps", None, "Denoising steps T (default: the config's sampling.steps).")
   flags.DEFINE_integer("seq_len", None, "Length of each sequence in tokens (default: data.seq_len).")
   flags.DEFINE_integer("seed", 0, "Random seed; sequence i uses fold_in(key(seed), i).")
   flags.DEFINE_string("prompt", "", "Text held fixed at the start of every sample.")
   flags.DEFINE_string("suffix", "", "Text held fixed at the end of every sample.")
   flags.DEFINE_string("infill", "", "Text with [MASK] / [MASK*n] marking the tokens to generate.")
+
+  # The sampler and the settings every sampler shares (default: the checkpoint config's sampling.*).
+  flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS), "Sampling strategy.")
+  flags.DEFINE_integer("steps", None, "Denoising steps T (threshold: the most it may take).")
   flags.DEFINE_float("temperature", None, "Softmax temperature (0 = argmax).")
   flags.DEFINE_integer("top_k", None, "Keep only the k most likely tokens (0 = off).")
   flags.DEFINE_float("top_p", None, "Nucleus sampling mass in (0, 1] (1 = off).")
   flags.DEFINE_bool("float64", None, "Draw categorical samples with float64 Gumbel noise.")
-  flags.DEFINE_string("time_grid", None, "ancestral/remdm: uniform | cosine.")
+  flags.DEFINE_float("guidance", None, "Classifier-free guidance weight on the given tokens (0 = off).")
+
+  # Settings of particular samplers; the help starts with the samplers that read it.
+  flags.DEFINE_enum("time_grid", None, list(sampling.TIME_GRIDS), "ancestral/remdm: the time grid.")
   flags.DEFINE_bool("cache", None, "ancestral: reuse logits after steps that revealed nothing.")
-  flags.DEFINE_string("confidence", None, "max_prob | margin | entropy | random.")
-  flags.DEFINE_string("commit_schedule", None, "confidence/blocks: linear | cosine.")
+  flags.DEFINE_enum("confidence", None, list(sampling.CONFIDENCES),
+                    "confidence/blocks/threshold/remdm: how sure a prediction is.")
+  flags.DEFINE_enum("commit_schedule", None, list(sampling.COMMIT_SCHEDULES),
+                    "confidence/blocks: how many tokens are committed per step.")
   flags.DEFINE_integer("block_length", None, "blocks: tokens per block (must divide seq_len).")
   flags.DEFINE_float("threshold", None, "threshold: commit predictions at least this confident, in (0, 1].")
   flags.DEFINE_float("remask_eta", None, "remdm: cap on the per-step remasking probability.")
-  flags.DEFINE_float("guidance", None, "Classifier-free guidance weight on the given tokens (0 = off).")
+
+  # Output.
   flags.DEFINE_bool("show", False, "Animate the unmasking in the terminal.")
   flags.DEFINE_string("html", "", "Write a self-contained HTML page replaying the denoising to this file.")
   flags.DEFINE_bool("json", False, "Print one JSON line per sample instead of text blocks.")
-  flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA parameters.")
   flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
 
 

@@ -73,7 +73,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
       raise UserError(f"workdir {workdir!r} holds a checkpoint of a different model ({mismatch}); "
                       "use a new --workdir, or rerun with the workdir's own config")
   train_windows, _ = experiment.load_windows(config, workdir, tokenizer, config.data.train_split)
-  eval_windows, eval_tokens = experiment.load_windows(config, workdir, tokenizer, config.data.eval_split)
+  eval_windows, _ = experiment.load_windows(config, workdir, tokenizer, config.data.eval_split)
   data_iter = experiment.data.make_train_iterator(
       train_windows, t.batch_size, config.seed, jax.process_index(), jax.process_count())
 
@@ -119,7 +119,6 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   # processes agree on the step at which to save (orbax's reached_preemption), so none hangs
   # waiting for a collective the others never reach.
   train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  chars_per_token = eval_tokens.chars_per_token
   bar = tqdm(total=t.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0, file=sys.stderr, mininterval=1.0)
   last = {}
@@ -185,11 +184,13 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
           consume(*pending)
           pending = None
         if periodic_eval or is_last:
-          result = evaluator(state.ema_params, eval_windows, chars_per_token)
+          result = evaluator(state.ema_params, eval_windows)
           writer.write_scalars(step_done, {f"eval/{k}": v for k, v in result.items()})
           last.update({f"eval/{k}": v for k, v in result.items()})
+          subset = (f" ({result['windows_scored']} of {result['windows_in_split']} windows, seeded subset)"
+                    if result["capped"] else "")
           _log(f"step {step_done}: validation bits/char {result['bits_per_char']:.4f}, bits/token "
-               f"{result['bits_per_token']:.4f}, perplexity <= {result['perplexity']:.2f}")
+               f"{result['bits_per_token']:.4f}, perplexity <= {result['perplexity']:.2f}{subset}")
         if generator is not None and (periodic_sample or is_last):
           _write_samples(generator, state.ema_params, samples_template, config, workdir, step_done, writer)
         if sync:

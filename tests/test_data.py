@@ -94,9 +94,70 @@ def test_every_window_once_per_epoch():
 
 
 def test_eval_batches_pad_and_flag():
-  windows = data.Windows(np.arange(250, dtype=np.int32), 10)
+  token_chars = np.arange(250) % 3  # any per-id counts: the batches must carry each row's sum
+  windows = data.Windows(np.arange(250, dtype=np.int32), 10, token_chars=token_chars)
   batches = list(data.eval_batches(windows, 10))
-  assert len(batches) == 3 and batches[-1][1].sum() == 5 and batches[0][1].all()
+  assert len(batches) == 3 and batches[-1].valid.sum() == 5 and batches[0].valid.all()
+  assert batches[-1].window_ids.tolist() == [20, 21, 22, 23, 24, -1, -1, -1, -1, -1]
+  expected = [sum(i % 3 for i in range(10 * w, 10 * w + 10)) for w in range(20, 25)]
+  assert batches[-1].chars.tolist() == expected + [0] * 5
+
+
+def test_capped_eval_subset_is_seeded_and_spread_over_the_split():
+  num_windows, batch, max_batches = 1000, 8, 3  # 24 of 1000 windows
+  ids = data.eval_window_ids(num_windows, batch, max_batches, seed=0)
+  assert len(ids) == 24 and len(set(ids.tolist())) == 24 and 0 <= ids.min() and ids.max() < num_windows
+  assert not np.array_equal(ids, np.arange(24)) and ids.max() >= 24  # not the first windows in file order
+  # Spread: ten documents of 100 windows each all contribute, and no gap is wider than two strata.
+  assert sorted(set((ids // 100).tolist())) == list(range(10))
+  gaps = np.diff(np.concatenate([[-1], np.sort(ids), [num_windows]]))
+  assert gaps.max() <= 2 * num_windows / 24 + 1
+  np.testing.assert_array_equal(data.eval_window_ids(num_windows, batch, max_batches, seed=0), ids)
+  assert not np.array_equal(data.eval_window_ids(num_windows, batch, max_batches, seed=1), ids)
+  # No cap, or a split the cap covers: every window, in order.
+  np.testing.assert_array_equal(data.eval_window_ids(20, batch, 0, seed=0), np.arange(20))
+  np.testing.assert_array_equal(data.eval_window_ids(24, batch, max_batches, seed=5), np.arange(24))
+  with pytest.raises(UserError, match="evaluation.max_batches=-1; allowed: an integer >= 0"):
+    data.eval_window_ids(20, batch, -1)
+
+
+def test_capped_eval_subset_draws_uniformly_within_each_stratum():
+  # 10 windows, 3 picks: strata [0, 3), [3, 6), [6, 10), so each window is drawn with probability
+  # 1/3, 1/3, 1/3 | 1/3, 1/3, 1/3 | 1/4, 1/4, 1/4, 1/4 over seeds.
+  draws = np.stack([data.eval_window_ids(10, 3, 1, seed=s) for s in range(6000)])
+  frequency = np.bincount(draws.ravel(), minlength=10) / len(draws)
+  expected = np.array([1 / 3] * 6 + [1 / 4] * 4)
+  np.testing.assert_allclose(frequency, expected, atol=0.025)
+  assert (draws[:, 0] < 3).all() and ((draws[:, 1] >= 3) & (draws[:, 1] < 6)).all() and (draws[:, 2] >= 6).all()
+
+
+def _sentencepiece(texts, vocab_size=320):
+  return tokenizers.SentencePieceTokenizer.train(texts, vocab_size)
+
+
+@pytest.mark.parametrize("kind", ["char", "sentencepiece"])
+def test_token_char_counts_give_the_characters_of_any_token_run(kind):
+  import conftest
+  train = conftest.ENGLISH * 20
+  tok = tokenizers.CharTokenizer.train([train + "\u00e9\u65e5\U0001F600"]) if kind == "char" else _sentencepiece([train])
+  table = data.token_char_counts(tok)
+  # Characters the SentencePiece model never saw fall back to UTF-8 bytes: 2, 3 and 4 pieces each.
+  text = "caf\u00e9 au lait, \u65e5\u672c. \U0001F600 To be, or not to be:\n" if kind == "sentencepiece" else \
+      "To be, \u00e9\u65e5 or not\U0001F600 to be:\n"
+  ids = tok.encode(text)
+  assert int(table[ids].sum()) == len(text)
+  assert int(table[[tok.eos_id]].sum()) == 1  # an end of document counts one, as TokenizedSplit.num_chars does
+  # Every prefix that ends between characters decodes to exactly as many characters as the table counts.
+  checked = 0
+  for k in range(1, len(ids) + 1):
+    prefix = tok.decode(ids[:k])
+    if "\ufffd" not in prefix:
+      assert int(table[ids[:k]].sum()) == len(prefix), (k, prefix)
+      checked += 1
+  if kind == "sentencepiece":  # 2 + 3 + 3 + 4 byte pieces; prefixes ending inside a character: 1 + 2 + 2 + 3
+    assert sum(tok.sp.is_byte(i) for i in ids) == 12 and checked == len(ids) - 8
+  else:
+    assert checked == len(ids)
 
 
 @pytest.mark.parametrize("setup, message", [

@@ -3,6 +3,8 @@
 import functools
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffusion_lm import checkpointing, experiment, sharding
+from diffusion_lm import checkpointing, experiment, sharding, tokenizers
 from diffusion_lm.errors import UserError
 from diffusion_lm.generation import Generator
 from diffusion_lm.model import Transformer
@@ -84,6 +86,7 @@ def test_checkpoints_metrics_and_samples_written(trained_workdir):
   lines = [json.loads(l) for l in open(os.path.join(trained_workdir, "metrics.jsonl"))]
   assert [l["step"] for l in lines if "train/loss" in l] == [2, 4, 6]
   assert any("eval/bits_per_char" in l for l in lines)
+  assert [(l["eval/capped"], l["eval/windows_scored"]) for l in lines if "eval/capped" in l] == [(1.0, 16.0)]
   assert os.listdir(os.path.join(trained_workdir, "tensorboard"))
   assert os.path.exists(os.path.join(trained_workdir, "samples", "step_0000004.txt"))
   assert os.path.exists(os.path.join(trained_workdir, "tokenizer.json"))
@@ -115,6 +118,76 @@ def test_generator_keeps_prompt_and_fills_every_mask(trained_workdir):
   np.testing.assert_array_equal(samples, again)
 
 
+def test_evaluator_bits_per_char_over_the_scored_windows(tiny_config):
+  """AR scores are exact, so the Evaluator's totals must equal a direct NLL sum over the windows it picks."""
+  import ml_collections
+  from diffusion_lm import autoregressive, data
+  tiny_config.objective = "ar"
+  vocab, seq_len, num_windows, bos = 20, tiny_config.data.seq_len, 43, 19
+  mesh = sharding.make_mesh(tiny_config.mesh)
+  model = Transformer(experiment.model_config(tiny_config, vocab))
+  tx, _ = experiment.make_optimizer(tiny_config)
+  _, shardings = experiment.state_shardings(model, tx, mesh, seq_len)
+  params = experiment.init_state(model, tx, mesh, jax.random.key(0), seq_len, shardings).params
+  # Windows of one-character tokens (ids 0-9) or of seven-character tokens (ids 10-19), at random: the
+  # characters per token of a subset differ from the split's.
+  rng = np.random.default_rng(0)
+  token_chars = np.array([1] * 10 + [7] * 10)
+  stream = np.concatenate([rng.integers(0, 10, seq_len) + 10 * rng.integers(0, 2) for _ in range(num_windows)]
+                          + [np.zeros(5, np.int64)]).astype(np.int32)  # a tail shorter than a window is dropped
+  windows = data.Windows(stream, seq_len, "validation", token_chars=token_chars)
+  eval_config = ml_collections.ConfigDict(dict(batch_size=8, max_batches=1, num_t_samples=1, discrete_steps=0,
+                                               seed=3))
+  evaluator = experiment.Evaluator(model, Schedule("linear"), vocab, mesh, shardings.params, eval_config, "ar", bos)
+  nll = jax.jit(lambda p, x: autoregressive.next_token_nll(lambda y: model.apply({"params": p}, y), x, bos))
+  all_rows = stream[:num_windows * seq_len].reshape(num_windows, seq_len)
+
+  subset = data.eval_window_ids(num_windows, 8, 1, seed=3)
+  for max_batches, picked in ((1, subset), (0, np.arange(num_windows))):
+    result = evaluator(params, windows, max_batches=max_batches)
+    rows = all_rows[picked]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      nats = float(np.sum(np.asarray(nll(params, rows), np.float64)))
+    chars = int(sum(token_chars[t] for t in rows.ravel()))
+    assert result["capped"] == (max_batches == 1)
+    assert result["windows_scored"] == len(picked) and result["windows_in_split"] == num_windows
+    assert result["tokens_scored"] == len(picked) * seq_len and result["chars_scored"] == chars
+    np.testing.assert_allclose(result["bits_per_char"], nats / np.log(2) / chars, rtol=1e-5)
+    np.testing.assert_allclose(result["nll_per_token"], nats / (len(picked) * seq_len), rtol=1e-5)
+  # The subset's characters per token are far from the split's, so bits/token over the split-average
+  # characters per token (the old figure) would be a different number.
+  subset_cpt = token_chars[all_rows[subset]].mean()
+  split_cpt = token_chars[all_rows].mean()
+  assert abs(subset_cpt / split_cpt - 1) > 0.1, (subset_cpt, split_cpt)
+  with pytest.raises(UserError, match="evaluation.max_batches=-2; allowed: an integer >= 0"):
+    evaluator(params, windows, max_batches=-2)
+
+
+def _log_lines(stderr: str) -> list[str]:
+  """absl/orbax log lines (W1130 10:08:01.88 ... checkpoint_manager.py:452] ...) and orbax mentions."""
+  return [l for l in stderr.splitlines() if re.match(r"[IWEF]\d{4} ", l) or "orbax" in l.lower()]
+
+
+def test_loading_a_checkpoint_writes_nothing(trained_workdir):
+  """sample/evaluate may load while training writes the next checkpoint: they must not touch it."""
+  in_progress = os.path.join(trained_workdir, "checkpoints", "8.orbax-checkpoint-tmp-99")
+  os.makedirs(os.path.join(in_progress, "state"))
+  open(os.path.join(in_progress, "state", "part"), "w").write("being written")
+  try:
+    before = _snapshot(trained_workdir)
+    trained = experiment.load_trained(trained_workdir)
+    assert checkpointing.read_saved_config(trained_workdir)[0] == trained.step == 6
+    manager = checkpointing.make_manager(trained_workdir, read_only=True)
+    with pytest.raises(RuntimeError, match="loading only; cannot save step 7"):
+      manager.save(7, args=None)
+    with pytest.raises(RuntimeError, match="loading only; cannot delete step 6"):
+      manager.delete(6)
+    manager.close()
+    assert _snapshot(trained_workdir) == before
+  finally:
+    shutil.rmtree(in_progress, ignore_errors=True)
+
+
 def _cli(module, *args):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
@@ -126,13 +199,22 @@ def test_sample_and_evaluate_cli(trained_workdir):
              "--prompt=KING.")
   assert out.returncode == 0, out.stderr
   assert out.stdout.count("--- sample") == 3 and out.stdout.count("KING.") >= 3
+  assert not _log_lines(out.stderr), out.stderr  # loading a checkpoint is silent
   out = _cli("diffusion_lm.evaluate", f"--workdir={trained_workdir}")
   assert out.returncode == 0, out.stderr
+  assert not _log_lines(out.stderr), out.stderr
   record = json.loads(out.stdout.strip().splitlines()[-1])
   for key in ("nll_per_token", "bits_per_token", "perplexity", "bits_per_char"):
     assert np.isfinite(record[key])
-  assert abs(record["perplexity"] - np.exp(record["nll_per_token"])) < 1e-6 * record["perplexity"]
+  # Six steps with EMA decay 0.9 leave the model close to uninformed, whose bound is exactly ln K nats per
+  # token (K data tokens): a figure in bits, per sequence or per masked token would be far from it.
+  log_k = np.log(tokenizers.load_tokenizer(trained_workdir).vocab_size)
+  assert abs(record["nll_per_token"] / log_k - 1) < 0.2 and abs(np.log(record["perplexity"]) / log_k - 1) < 0.2
+  assert abs(record["bits_per_token"] * np.log(2) / log_k - 1) < 0.2
   assert record["checkpoint_step"] == 6
+  # configs/tiny.py caps evaluation at 2 batches of 8 windows; the validation split holds far more.
+  assert record["capped"] is True and record["windows_scored"] == 16 and record["windows_in_split"] > 100
+  assert record["tokens_scored"] == 16 * 32 and record["chars_scored"] == 16 * 32  # one character per token
   # Evaluation is reproducible from its fixed seed.
   again = json.loads(_cli("diffusion_lm.evaluate", f"--workdir={trained_workdir}").stdout.strip().splitlines()[-1])
   assert again["nll_per_token"] == record["nll_per_token"]
