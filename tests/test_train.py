@@ -163,6 +163,31 @@ def test_evaluator_bits_per_char_over_the_scored_windows(tiny_config):
     evaluator(params, windows, max_batches=-2)
 
 
+def test_capped_diffusion_evaluation_same_on_1_and_8_devices(tiny_config):
+  """The subset, the masks and the time draws depend on the seed only, not on how the batch is sharded."""
+  import ml_collections
+  from diffusion_lm import data
+  vocab, seq_len = 20, tiny_config.data.seq_len
+  stream = np.random.default_rng(1).integers(0, vocab, 60 * seq_len).astype(np.int32)
+  windows = data.Windows(stream, seq_len, "validation", token_chars=np.arange(vocab) % 4 + 1)
+  eval_config = ml_collections.ConfigDict(dict(batch_size=8, max_batches=2, num_t_samples=2, discrete_steps=0,
+                                               seed=5))
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = sharding.make_mesh(tiny_config.mesh, devices)
+    model = Transformer(experiment.model_config(tiny_config, vocab))
+    tx, _ = experiment.make_optimizer(tiny_config)
+    _, shardings = experiment.state_shardings(model, tx, mesh, seq_len)
+    params = experiment.init_state(model, tx, mesh, jax.random.key(0), seq_len, shardings).params
+    evaluator = experiment.Evaluator(model, Schedule("linear"), vocab, mesh, shardings.params, eval_config)
+    results.append(evaluator(params, windows))
+  one, eight = results
+  assert one["capped"] and one["windows_scored"] == eight["windows_scored"] == 16
+  assert one["chars_scored"] == eight["chars_scored"]
+  np.testing.assert_allclose(one["nll_per_token"], eight["nll_per_token"], rtol=1e-5)
+  np.testing.assert_allclose(one["bits_per_char"], eight["bits_per_char"], rtol=1e-5)
+
+
 def _log_lines(stderr: str) -> list[str]:
   """absl/orbax log lines (W1130 10:08:01.88 ... checkpoint_manager.py:452] ...) and orbax mentions."""
   return [l for l in stderr.splitlines() if re.match(r"[IWEF]\d{4} ", l) or "orbax" in l.lower()]
