@@ -54,4 +54,5 @@ def decode(model, params, key, tokens_BxL, example_ids_B, cfg: sampling.SamplerC
     return x, updated["cache"], traj
 
   x, _, traj = jax.lax.fori_loop(0, length, body, (tokens_BxL, variables["cache"], traj0))
-  return sampling.SampleOutput(x, traj, jnp.full((batch_size,), length, jnp.int32), jnp.int32(length))
+  full = jnp.full((batch_size,), length, jnp.int32)
+  return sampling.SampleOutput(x, traj, full, jnp.int32(length), full)

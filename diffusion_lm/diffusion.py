@@ -37,12 +37,13 @@ def antithetic_times(key: jax.Array, batch_size: int, t_min: float = T_MIN) -> j
 def forward_mask(key: jax.Array, tokens_BxL: jax.Array, alpha_B: jax.Array, mask_id: int):
   """Samples x_t ~ q(x_t | x_0): each token independently becomes [MASK] with prob 1 - alpha.
 
+  alpha_B is one value per sequence, float32[B], or one per token, float32[B, L] (block diffusion).
   Returns (noisy tokens int32[B, L], is_masked bool[B, L]).
   """
   if tokens_BxL.ndim != 2:
     raise UserError(f"tokens must be rank 2 [batch, length], got shape {tokens_BxL.shape}")
   u_BxL = jax.random.uniform(key, tokens_BxL.shape)
-  is_masked_BxL = u_BxL >= alpha_B[:, None]
+  is_masked_BxL = u_BxL >= (alpha_B[:, None] if alpha_B.ndim == 1 else alpha_B)
   noisy_BxL = jnp.where(is_masked_BxL, mask_id, tokens_BxL).astype(jnp.int32)
   return noisy_BxL, is_masked_BxL
 

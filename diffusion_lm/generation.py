@@ -9,7 +9,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffusion_lm import autoregressive, sampling, sharding
+from diffusion_lm import objectives, sampling, sharding
+from diffusion_lm.errors import UserError
+from diffusion_lm.samplers import block_decode
 
 SAMPLER_FIELDS = tuple(f.name for f in dataclasses.fields(sampling.SamplerConfig))
 
@@ -28,22 +30,20 @@ class Generator:
                return_trajectory: bool = False):
     self.tokenizer, self.mesh, self.cfg = tokenizer, mesh, cfg
     self.return_trajectory = return_trajectory
+    self.objective = objectives.of_model(model.config)
     self.causal = model.config.causal
-    time_independent = not model.config.time_conditioning
+    self.block_size = model.config.block_size
+    if self.block_size:
+      block_decode.check(cfg, self.block_size)
 
     def run(params, key, tokens_BxL, example_ids_B):
-      if model.config.causal:  # the autoregressive baseline: KV-cache decoding, same draw rules
-        return autoregressive.decode(model, params, key, tokens_BxL, example_ids_B, cfg,
-                                     mask_id=tokenizer.mask_id, bos_id=tokenizer.eos_id,
+      return self.objective.generate(model, params, key, tokens_BxL, example_ids_B, cfg, schedule=schedule,
+                                     mask_id=tokenizer.mask_id, bos_id=tokenizer.eos_id, eos_id=tokenizer.eos_id,
                                      return_trajectory=return_trajectory)
-      denoiser = lambda x, t: model.apply({"params": params}, x, t)
-      return sampling.sample(denoiser, key, tokens_BxL, example_ids_B, cfg, schedule=schedule,
-                             mask_id=tokenizer.mask_id, return_trajectory=return_trajectory,
-                             time_independent=time_independent)
 
     batch = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
-    out = sampling.SampleOutput(batch, NamedSharding(mesh, P(None, ("data", "fsdp"))), batch, replicated)
+    out = sampling.SampleOutput(batch, NamedSharding(mesh, P(None, ("data", "fsdp"))), batch, replicated, batch)
     self._run = jax.jit(run, in_shardings=(param_shardings, replicated, batch, batch), out_shardings=out)
     self._compiled = {}  # (batch, length) -> compiled executable
     self.compile_seconds = {}  # (batch, length) -> seconds spent compiling it
@@ -62,7 +62,10 @@ class Generator:
 
   def template(self, seq_len: int, num_samples: int, prompt: str = "", suffix: str = "", infill: str = ""):
     row = sampling.template_tokens(self.tokenizer, seq_len, prompt=prompt, suffix=suffix, infill=infill)
-    if not self.causal:
+    if self.block_size and seq_len % self.block_size:
+      raise UserError(f"seq_len={seq_len} for a model of {self.block_size}-token blocks; allowed: a multiple of "
+                      f"{self.block_size}")
+    if not (self.causal or self.block_size):
       self.cfg.check_length(seq_len, int((row == self.tokenizer.mask_id).sum()))
     return np.tile(row, (num_samples, 1))
 
@@ -80,7 +83,7 @@ class Generator:
     with self._context():
       out = self._executable(args)(*args)
     return sampling.SampleOutput(_to_host(out.tokens)[:num], _to_host(out.trajectory)[:, :num],
-                                 _to_host(out.steps_used)[:num], int(out.num_calls))
+                                 _to_host(out.steps_used)[:num], int(out.num_calls), _to_host(out.lengths)[:num])
 
   def _executable(self, args):
     """The compiled sampler for these arguments' shapes, compiled ahead of time on first use (so the

@@ -21,6 +21,7 @@ class SampleOutput(NamedTuple):
   trajectory: jax.Array  # int32[S, B, L]: the sequence after each step (S = 0 when not recorded)
   steps_used: jax.Array  # int32[B]: denoiser steps that changed or could change the row
   num_calls: jax.Array  # int32[]: denoiser forward passes actually run (the cache skips some)
+  lengths: jax.Array  # int32[B]: tokens up to and including the end-of-document token (else all L)
 
 
 # ----------------------------------------------------------------------------- token draws
@@ -150,6 +151,9 @@ class Run:
     """
     fraction_B = jnp.mean(x_BxL == self.mask_id, axis=-1, dtype=jnp.float32)
     return self.schedule.inverse_alpha(1.0 - fraction_B)
+
+  def full_lengths(self):
+    return jnp.full((self.batch_size,), self.length, jnp.int32)
 
   def trajectory(self):
     return jnp.zeros((self.record_steps, self.batch_size, self.length), jnp.int32)

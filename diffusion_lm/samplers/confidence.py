@@ -39,4 +39,4 @@ def sample(run: Run, tokens_BxL) -> SampleOutput:
 
   x, traj, used = jax.lax.fori_loop(0, cfg.steps, body,
                                     (tokens_BxL, run.trajectory(), jnp.zeros((run.batch_size,), jnp.int32)))
-  return SampleOutput(x, traj, used, jnp.int32(cfg.steps))
+  return SampleOutput(x, traj, used, jnp.int32(cfg.steps), run.full_lengths())

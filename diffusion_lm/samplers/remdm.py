@@ -106,4 +106,4 @@ def sample(run: Run, tokens_BxL) -> SampleOutput:
   init = (tokens_BxL, conf0, logits0, jnp.array(True), run.trajectory(), jnp.zeros((batch_size,), jnp.int32),
           jnp.int32(0))
   x, _, _, _, traj, used, calls = jax.lax.fori_loop(0, cfg.steps, body, init)
-  return SampleOutput(x, traj, used, calls)
+  return SampleOutput(x, traj, used, calls, run.full_lengths())

@@ -43,4 +43,4 @@ def sample(run: Run, tokens_BxL) -> SampleOutput:
     # Frames after the loop ended show the final sequence.
     valid = (jnp.arange(run.record_steps) < calls)[:, None, None]
     traj = jnp.where(valid, traj, x[None])
-  return SampleOutput(x, traj, used, calls)
+  return SampleOutput(x, traj, used, calls, run.full_lengths())

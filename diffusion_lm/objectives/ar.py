@@ -1,0 +1,30 @@
+"""The autoregressive baseline on the same network: causal attention, exact next-token likelihood."""
+
+from diffusion_lm import autoregressive
+from diffusion_lm.objectives.base import Objective, bind
+
+
+class Autoregressive(Objective):
+  name = "ar"
+  bound = "exact"
+  attention = "causal"
+  default_sampler = "ar"
+
+  def model_fields(self, config) -> dict:
+    return {"causal": True}
+
+  def loss(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id):
+    del key, schedule, mask_id
+    nll_B = autoregressive.next_token_nll(bind(model, params), tokens_BxL, bos_id)
+    return nll_B, 0.0 * nll_B
+
+  def eval_nats(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id, num_t_samples,
+                discrete_steps):
+    del key, schedule, mask_id, num_t_samples, discrete_steps
+    return {"nats": autoregressive.next_token_nll(bind(model, params), tokens_BxL, bos_id)}
+
+  def generate(self, model, params, key, tokens_BxL, example_ids_B, cfg, *, schedule, mask_id, bos_id, eos_id,
+               return_trajectory=False):
+    del schedule, eos_id
+    return autoregressive.decode(model, params, key, tokens_BxL, example_ids_B, cfg, mask_id=mask_id,
+                                 bos_id=bos_id, return_trajectory=return_trajectory)

@@ -1,0 +1,108 @@
+"""Block diffusion (BD3-LM, Arriola et al. 2025): masked diffusion inside blocks, autoregressive across.
+
+The sequence is cut into blocks of L' = model.block_size tokens. Block b is masked with its own time
+t_b and denoised bidirectionally, conditioned on every earlier block clean; the negative ELBO is the
+sum over blocks of the per-block masked-diffusion NELBO, in nats per sequence like every objective.
+
+All blocks train in one forward pass: the noisy copy x_t and the clean copy x_0 side by side (2L
+positions, both at positions 0..L-1) under a block-structured attention mask:
+  noisy block b -> noisy block b (bidirectional) and clean blocks < b
+  clean block b -> clean blocks <= b
+L' = L is masked diffusion exactly; L' = 1 is, in expectation over t, the autoregressive likelihood of
+the same network (each token predicted from a [MASK] at its own position and the clean tokens before).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_lm import diffusion
+from diffusion_lm.errors import UserError
+from diffusion_lm.objectives.base import Objective, bind
+from diffusion_lm.objectives.diffusion import stratified_times
+from diffusion_lm.samplers import block_decode
+
+
+def block_attention_mask(seq_len: int, block_size: int):
+  """bool[2L, 2L] (True = may attend) over [noisy x_t | clean x_0]."""
+  block = jnp.arange(seq_len) // block_size
+  same = block[:, None] == block[None, :]
+  earlier = block[None, :] < block[:, None]
+  up_to = block[None, :] <= block[:, None]
+  top = jnp.concatenate([same, earlier], axis=1)
+  bottom = jnp.concatenate([jnp.zeros_like(same), up_to], axis=1)
+  return jnp.concatenate([top, bottom], axis=0)
+
+
+def block_nelbo(apply, tokens_BxL, key, schedule, mask_id: int, block_size: int, t_BxN=None) -> dict:
+  """Monte Carlo estimate of the block-diffusion negative ELBO per sequence (nats).
+
+    -ELBO(x0) = sum_b E_{t_b} E_{x_t^b} [ w(t_b) sum_{i masked in block b} -log p(x0_i | x_t^b, x0^{<b}) ]
+
+  Args:
+    apply: (tokens, t, positions_L=, mask_QxK=) -> logits; the network.
+    tokens_BxL: clean int32 tokens; L a multiple of block_size.
+    key: split into time and mask keys as `diffusion.diffusion_loss` does (so L' = L matches it draw for draw).
+    t_BxN: optional times, one per block (antithetic over all B x N blocks when None).
+  Returns:
+    {"nelbo": float32[B], "num_masked": float32[B]}.
+  """
+  batch_size, seq_len = tokens_BxL.shape
+  num_blocks = seq_len // block_size
+  time_key, mask_key = jax.random.split(key)
+  if t_BxN is None:
+    t_BxN = diffusion.antithetic_times(time_key, batch_size * num_blocks).reshape(batch_size, num_blocks)
+  alpha_BxL = jnp.repeat(schedule.alpha(t_BxN), block_size, axis=1)
+  noisy_BxL, masked_BxL = diffusion.forward_mask(mask_key, tokens_BxL, alpha_BxL, mask_id)
+  positions = jnp.arange(seq_len)
+  logits = apply(jnp.concatenate([noisy_BxL, tokens_BxL], axis=1), None,
+                 positions_L=jnp.concatenate([positions, positions]),
+                 mask_QxK=block_attention_mask(seq_len, block_size))[:, :seq_len]
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll_BxL = -jnp.take_along_axis(log_probs, tokens_BxL[..., None], axis=-1)[..., 0] * masked_BxL
+  nll_BxN = nll_BxL.reshape(batch_size, num_blocks, block_size).sum(-1)
+  return {"nelbo": jnp.sum(schedule.weight(t_BxN) * nll_BxN, axis=-1),
+          "num_masked": jnp.sum(masked_BxL, axis=-1).astype(jnp.float32)}
+
+
+class BlockDiffusion(Objective):
+  name = "block"
+  bound = "block-diffusion ELBO"
+  attention = "block-causal"
+  default_sampler = "ancestral"
+
+  def check(self, config) -> None:
+    size, seq_len = config.model.get("block_size", 0), config.data.seq_len
+    if not isinstance(size, int) or size < 1 or seq_len % size:
+      raise UserError(f"model.block_size={size!r} with data.seq_len={seq_len}; allowed for objective='block': "
+                      f"a divisor of {seq_len}")
+    if config.model.time_conditioning:
+      raise UserError("model.time_conditioning=True with objective='block'; allowed: False (each block has its "
+                      "own time; the block-diffusion denoiser reads the noise level from its masks)")
+    if config.diffusion.name == "mlm":
+      raise UserError("diffusion.name='mlm' with objective='block'; allowed: a schedule with a bound "
+                      "(linear, cosine, polynomial, geometric)")
+
+  def loss(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id):
+    out = block_nelbo(bind(model, params), tokens_BxL, key, schedule, mask_id, model.config.block_size)
+    return out["nelbo"], out["num_masked"]
+
+  def eval_nats(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id, num_t_samples,
+                discrete_steps):
+    del discrete_steps  # the T-step bound is defined for masked diffusion only
+    apply, block_size = bind(model, params), model.config.block_size
+    batch_size, seq_len = tokens_BxL.shape
+    time_key, mask_key = jax.random.split(key)
+    u_BxN = jax.random.uniform(time_key, (batch_size, seq_len // block_size))
+
+    def body(k, total):
+      t_BxN = stratified_times(k, u_BxN, num_t_samples)
+      return total + block_nelbo(apply, tokens_BxL, jax.random.fold_in(mask_key, k), schedule, mask_id, block_size,
+                                 t_BxN=t_BxN)["nelbo"]
+
+    total = jax.lax.fori_loop(0, num_t_samples, body, jnp.zeros((batch_size,), jnp.float32))
+    return {"nats": total / num_t_samples}
+
+  def generate(self, model, params, key, tokens_BxL, example_ids_B, cfg, *, schedule, mask_id, bos_id, eos_id,
+               return_trajectory=False):
+    return block_decode.sample(model, params, key, tokens_BxL, example_ids_B, cfg, schedule=schedule,
+                               mask_id=mask_id, eos_id=eos_id, return_trajectory=return_trajectory)

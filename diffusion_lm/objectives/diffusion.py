@@ -1,0 +1,54 @@
+"""Masked diffusion (MD4 / MDLM): the continuous-time ELBO of a bidirectional denoiser."""
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_lm import diffusion, samplers
+from diffusion_lm.objectives.base import Objective, bind
+
+
+def stratified_times(k, u_B, num_t_samples: int):
+  """The k-th of n stratified draws for each row, (k + u) / n mapped into [T_MIN, 1]: float32 like u_B."""
+  return diffusion.T_MIN + (1.0 - diffusion.T_MIN) * (k + u_B) / num_t_samples
+
+
+class MaskedDiffusion(Objective):
+  name = "diffusion"
+  bound = "continuous-time ELBO"
+  attention = "bidirectional"
+  default_sampler = "ancestral"
+
+  def loss(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id):
+    out = diffusion.diffusion_loss(bind(model, params), tokens_BxL, key, schedule, mask_id)
+    return out["nelbo"], out["num_masked"]
+
+  def eval_nats(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id, num_t_samples,
+                discrete_steps):
+    """Time draws are stratified: the k-th of n draws for a row is at (k + u) / n with one uniform u per
+    row, an unbiased low-variance estimate."""
+    apply, schedule = bind(model, params), schedule.bound_schedule
+    batch_size = tokens_BxL.shape[0]
+    time_key, mask_key, discrete_key = jax.random.split(key, 3)
+    u_B = jax.random.uniform(time_key, (batch_size,))
+
+    def body(k, totals):
+      cont = diffusion.diffusion_loss(apply, tokens_BxL, jax.random.fold_in(mask_key, k), schedule, mask_id,
+                                      t_B=stratified_times(k, u_B, num_t_samples))["nelbo"]
+      if not discrete_steps:
+        return totals[0] + cont, totals[1]
+      disc = diffusion.discrete_loss(apply, tokens_BxL, jax.random.fold_in(discrete_key, k), schedule, mask_id,
+                                     discrete_steps, u_B=(k + u_B) / num_t_samples)["nelbo"]
+      return totals[0] + cont, totals[1] + disc
+
+    zeros = jnp.zeros((batch_size,), jnp.float32)
+    cont_B, disc_B = jax.lax.fori_loop(0, num_t_samples, body, (zeros, zeros))
+    out = {"nats": cont_B / num_t_samples}
+    if discrete_steps:
+      out["nats_discrete"] = disc_B / num_t_samples
+    return out
+
+  def generate(self, model, params, key, tokens_BxL, example_ids_B, cfg, *, schedule, mask_id, bos_id, eos_id,
+               return_trajectory=False):
+    return samplers.sample(bind(model, params), key, tokens_BxL, example_ids_B, cfg, schedule=schedule, mask_id=mask_id,
+                           return_trajectory=return_trajectory,
+                           time_independent=not model.config.time_conditioning)

@@ -1,0 +1,188 @@
+"""Objectives: block diffusion's loss against slow references, cached block decoding, variable length."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_lm import diffusion, objectives
+from diffusion_lm.model import ModelConfig, Transformer
+from diffusion_lm.objectives.block import block_nelbo
+from diffusion_lm.samplers import SamplerConfig, block_decode, remdm, threshold
+from diffusion_lm.samplers.common import Run
+from diffusion_lm.schedules import Schedule
+
+VOCAB, L = 11, 16
+MASK = VOCAB
+
+
+def tiny(block_size, max_len=L):
+  model = Transformer(ModelConfig(vocab_size=VOCAB, num_layers=2, d_model=32, num_heads=2, mlp_dim=64,
+                                  max_len=max_len, block_size=block_size))
+  params = model.init(jax.random.key(1), jnp.zeros((1, L), jnp.int32))["params"]
+  # Non-zero, varied weights so that attention patterns matter for the output.
+  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+  return model, params
+
+
+def apply_fn(model, params):
+  return lambda x, t=None, **kw: model.apply({"params": params}, x, t, **kw)
+
+
+TOKENS = jax.random.randint(jax.random.key(7), (4, L), 0, VOCAB)
+
+
+def test_whole_sequence_block_is_masked_diffusion_exactly():
+  model, params = tiny(L)
+  schedule, t_B = Schedule("cosine"), jnp.array([0.2, 0.5, 0.7, 0.9])
+  key = jax.random.key(3)
+  block = block_nelbo(apply_fn(model, params), TOKENS, key, schedule, MASK, L, t_BxN=t_B[:, None])
+  masked = diffusion.diffusion_loss(apply_fn(model, params), TOKENS, key, schedule, MASK, t_B=t_B)
+  np.testing.assert_allclose(np.asarray(block["nelbo"]), np.asarray(masked["nelbo"]), rtol=1e-5)
+  np.testing.assert_array_equal(block["num_masked"], masked["num_masked"])
+
+
+def _slow_block_nelbo(model, params, tokens, key, schedule, block_size, t_BxN):
+  """Block by block: the clean prefix (block-causal among itself) and the noisy block, one forward each."""
+  batch, length = tokens.shape
+  _, mask_key = jax.random.split(key)
+  alpha = jnp.repeat(schedule.alpha(t_BxN), block_size, axis=1)
+  noisy, masked = diffusion.forward_mask(mask_key, tokens, alpha, MASK)
+  total = np.zeros(batch)
+  for b in range(length // block_size):
+    lo, hi = b * block_size, (b + 1) * block_size
+    x = jnp.concatenate([tokens[:, :lo], noisy[:, lo:hi]], axis=1)
+    blk = np.arange(hi) // block_size
+    attend = blk[None, :] <= blk[:, None]  # clean blocks causal; the noisy (last) block sees all before and itself
+    logits = model.apply({"params": params}, x, None, positions_L=jnp.arange(hi), mask_QxK=jnp.asarray(attend))
+    logp = np.asarray(jax.nn.log_softmax(logits[:, lo:hi], axis=-1))
+    nll = -np.take_along_axis(logp, np.asarray(tokens[:, lo:hi])[..., None], axis=-1)[..., 0]
+    total += np.asarray(schedule.weight(t_BxN[:, b])) * (nll * np.asarray(masked[:, lo:hi])).sum(-1)
+  return total
+
+
+@pytest.mark.parametrize("block_size", [4, 8])
+def test_vectorized_block_loss_equals_the_block_by_block_reference(block_size):
+  model, params = tiny(block_size)
+  schedule, key = Schedule("linear"), jax.random.key(5)
+  t = jax.random.uniform(jax.random.key(9), (4, L // block_size), minval=0.05, maxval=1.0)
+  fast = block_nelbo(apply_fn(model, params), TOKENS, key, schedule, MASK, block_size, t_BxN=t)["nelbo"]
+  slow = _slow_block_nelbo(model, params, TOKENS, key, schedule, block_size, t)
+  np.testing.assert_allclose(np.asarray(fast), slow, rtol=2e-4)
+
+
+def test_unit_blocks_give_the_autoregressive_likelihood_in_expectation():
+  model, params = tiny(1)
+  tokens = TOKENS[:1]
+  # Closed form of the one-token time integral: E_t[w(t) 1{masked}] = int -alpha'(t) dt = 1, so the
+  # expected loss is sum_i -log p(x_i | [MASK] at i, x_<i), a causal forward with a [MASK] appended.
+  exact = 0.0
+  for i in range(L):
+    x = jnp.concatenate([tokens[:, :i], jnp.full((1, 1), MASK)], axis=1)
+    logits = model.apply({"params": params}, x, None, positions_L=jnp.arange(i + 1),
+                         mask_QxK=jnp.tril(jnp.ones((i + 1, i + 1), bool)))
+    exact -= float(jax.nn.log_softmax(logits[0, -1])[tokens[0, i]])
+  draws = 4000
+  batch = jnp.tile(tokens, (draws, 1))
+  estimate = jax.jit(lambda k: block_nelbo(apply_fn(model, params), batch, k, Schedule("linear"), MASK, 1)["nelbo"])(
+      jax.random.key(0))
+  estimate = np.asarray(estimate)
+  se = estimate.std() / math.sqrt(draws)
+  assert abs(estimate.mean() - exact) < 4 * se + 1e-3, (estimate.mean(), exact, se)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _reference_decode(model, params, key, tokens, ids, cfg, block_size):
+  """Recomputes the whole prefix at every denoising step (no cache), same keys as the cached decoder."""
+  keys_B = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+  x = tokens
+  inner = {"ancestral": remdm, "threshold": threshold}[cfg.name]
+  for b in range(tokens.shape[1] // block_size):
+    lo, hi = b * block_size, (b + 1) * block_size
+    prefix = x[:, :lo]
+    blk = np.arange(hi) // block_size
+    attend = jnp.asarray(blk[None, :] <= blk[:, None])
+
+    def denoiser(xc, t, prefix=prefix, hi=hi, attend=attend, lo=lo):
+      full = jnp.concatenate([prefix, xc], axis=1)
+      return model.apply({"params": params}, full, None, positions_L=jnp.arange(hi), mask_QxK=attend)[:, lo:]
+
+    run = Run(denoiser=denoiser, keys_B=jax.vmap(lambda k, b=b: jax.random.fold_in(k, b))(keys_B),
+              given_BxL=x[:, lo:hi] != MASK, cfg=cfg, schedule=Schedule("linear"), mask_id=MASK, record_steps=0,
+              time_independent=True)
+    out = inner.sample(run, x[:, lo:hi])
+    x = x.at[:, lo:hi].set(out.tokens)
+  return np.asarray(x)
+
+
+@pytest.mark.parametrize("cfg", [SamplerConfig("ancestral", steps=4), SamplerConfig("threshold", steps=4, threshold=0.3)],
+                         ids=lambda c: c.name)
+def test_cached_block_decoding_matches_recomputing_the_prefix(cfg):
+  model, params = tiny(4)
+  start = jnp.full((3, L), MASK, jnp.int32).at[:, :2].set(3)  # a two-token prompt inside the first block
+  ids = jnp.arange(3)
+  fast = jax.jit(lambda k, x: block_decode.sample(model, params, k, x, ids, cfg, schedule=Schedule("linear"),
+                                                  mask_id=MASK))(jax.random.key(2), start)
+  slow = _reference_decode(model, params, jax.random.key(2), start, ids, cfg, 4)
+  np.testing.assert_array_equal(np.asarray(fast.tokens), slow)
+  assert (np.asarray(fast.tokens)[:, :2] == 3).all()
+  # Every step runs the network on one block: inner calls plus one commit per block.
+  assert int(fast.num_calls) >= 4 + 4 and (cfg.name != "ancestral" or int(fast.num_calls) <= 4 * 4 + 4)
+
+
+def test_one_program_for_any_number_of_blocks():
+  model, params = tiny(4, max_len=L)
+  cfg = SamplerConfig("ancestral", steps=2)
+
+  def forwards(length):
+    jaxpr = jax.make_jaxpr(lambda x: block_decode.sample(model, params, jax.random.key(0), x, jnp.arange(2), cfg,
+                                                         schedule=Schedule("linear"), mask_id=MASK))(
+        jnp.full((2, length), MASK, jnp.int32))
+    return str(jaxpr).count("dot_general")
+
+  assert forwards(8) == forwards(64) > 0  # the block loop is not unrolled
+
+
+class EndsAt:
+  """A stand-in network for the decoder: certain of token 1 before absolute position `end`, of EOS after.
+
+  Implements the slice of the linen interface the block decoder uses (apply with a cache collection).
+  """
+
+  def __init__(self, end, eos, block_size):
+    self.end, self.eos = end, eos
+    self.config = ModelConfig(vocab_size=VOCAB, max_len=L, block_size=block_size)
+
+  def apply(self, variables, tokens, t=None, decode=False, commit=True, mutable=()):
+    cache = variables.get("cache", {"index": jnp.zeros((), jnp.int32)})
+    positions = cache["index"] + jnp.arange(tokens.shape[1])
+    token = jnp.where(positions >= self.end, self.eos, 1)
+    logits = jnp.where(jnp.arange(VOCAB)[None, :] == token[:, None], 0.0, -30.0)
+    logits = jnp.broadcast_to(logits, tokens.shape + (VOCAB,))
+    new_cache = {"index": cache["index"] + (tokens.shape[1] if commit and "cache" in variables else 0)}
+    return (logits, {"cache": new_cache}) if mutable else logits
+
+
+def test_generation_stops_at_the_end_of_document_token_and_may_exceed_max_len():
+  eos = 2
+  model = EndsAt(end=21, eos=eos, block_size=4)  # the 22nd token ends the document, past max_len = 16
+  start = jnp.full((2, 40), MASK, jnp.int32)
+  out = jax.jit(lambda x: block_decode.sample(model, {}, jax.random.key(0), x, jnp.arange(2),
+                                              SamplerConfig("ancestral", steps=2), schedule=Schedule("linear"),
+                                              mask_id=MASK, eos_id=eos))(start)
+  tokens = np.asarray(out.tokens)
+  assert (np.asarray(out.lengths) == 22).all()
+  assert (tokens[:, :21] == 1).all() and (tokens[:, 21:] == eos).all()
+  # Six blocks of four reach position 21; the remaining four blocks were never run.
+  assert int(out.num_calls) == 6 * (2 + 1)
+
+
+def test_objectives_registry():
+  assert objectives.OBJECTIVES == ("diffusion", "ar", "block")
+  assert objectives.of_model(ModelConfig(vocab_size=5, block_size=4)).name == "block"
+  assert objectives.of_model(ModelConfig(vocab_size=5, causal=True)).name == "ar"
+  assert objectives.of_model(ModelConfig(vocab_size=5)).name == "diffusion"
