@@ -23,24 +23,78 @@ FLAGS = flags.FLAGS
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  hbm_bytes: float
-  peak_bf16_flops: float  # dense bf16 FLOP/s per chip (public spec sheets)
-  hbm_bandwidth: float  # bytes/s per chip
+  """One accelerator's published figures per chip (= one JAX device), dense: no structured sparsity."""
+
+  name: str  # as printed, e.g. "TPU v5e"
+  platform: str  # jax platform: "tpu" or "gpu"
+  device_kinds: tuple[str, ...]  # spellings of jax Device.device_kind for this chip
+  peak_bf16_flops: float  # dense bfloat16 matmul FLOP/s
+  # Dense FLOP/s of float32 matmuls at JAX's default precision, which runs them as one bfloat16 pass
+  # on a TPU's MXU and on TF32 tensor cores on an Ampere or newer GPU (JAX "Matmul precision" docs).
+  peak_f32_default_flops: float
+  f32_default_unit: str  # what float32 matmuls run on at that precision
+  source: str  # where the figures are published
+  hbm_bytes: float | None = None  # TPU rows only: the aot memory and roofline checks
+  hbm_bandwidth: float | None = None  # bytes/s
+
+  def peak_flops(self, dtype: str, precision=None) -> float | None:
+    """Published dense peak for a config compute dtype, or None where none applies (then measure).
+
+    precision: jax_default_matmul_precision; a float32 config has a published peak only at the default,
+    since "highest" runs several bf16 passes (TPU) or CUDA cores (GPU) at a rate nobody publishes here.
+    """
+    if dtype == "bfloat16":
+      return self.peak_bf16_flops
+    if dtype == "float32" and str(precision or "default").lower() in ("default", "fastest"):
+      return self.peak_f32_default_flops
+    return None
+
+  def peak_source(self, dtype: str) -> str:
+    """Names the figure peak_flops(dtype) returns and where it is published."""
+    if dtype == "bfloat16":
+      return f"{self.name} published bfloat16 peak, {self.source}"
+    return f"{self.name} published peak of {self.f32_default_unit}, which float32 matmuls use at JAX's default " \
+           f"precision, {self.source}"
 
 
+# Sources: Google Cloud TPU docs, "TPU v4" / "TPU v5e" / "TPU v5p" / "TPU v6e" system architecture pages
+# (peak compute per chip, HBM capacity and bandwidth); NVIDIA A100, H100 and H200 Tensor Core GPU
+# datasheets, whose tensor-core figures are quoted with sparsity: the dense peak is half of them.
 CHIPS = {
-    "v4": Chip(32 * 2**30, 275e12, 1.2e12),
-    "v5e": Chip(16 * 2**30, 197e12, 0.82e12),
-    "v5p": Chip(95 * 2**30, 459e12, 2.76e12),
-    "v6e": Chip(32 * 2**30, 918e12, 1.64e12),
+    "v4": Chip("TPU v4", "tpu", ("TPU v4",), 275e12, 275e12, "one bfloat16 MXU pass",
+               "Google Cloud TPU v4 docs", 32 * 2**30, 1.2e12),
+    "v5e": Chip("TPU v5e", "tpu", ("TPU v5 lite", "TPU v5e"), 197e12, 197e12, "one bfloat16 MXU pass",
+                "Google Cloud TPU v5e docs", 16 * 2**30, 0.82e12),
+    "v5p": Chip("TPU v5p", "tpu", ("TPU v5", "TPU v5p"), 459e12, 459e12, "one bfloat16 MXU pass",
+                "Google Cloud TPU v5p docs", 95 * 2**30, 2.76e12),
+    "v6e": Chip("TPU v6e", "tpu", ("TPU v6 lite", "TPU v6e"), 918e12, 918e12, "one bfloat16 MXU pass",
+                "Google Cloud TPU v6e docs", 32 * 2**30, 1.64e12),
+    "a100": Chip("NVIDIA A100", "gpu", ("NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-80GB", "NVIDIA A100-PCIE-40GB",
+                                        "NVIDIA A100 80GB PCIe"), 312e12, 156e12, "TF32 tensor cores",
+                 "NVIDIA A100 datasheet, dense"),
+    "h100-sxm": Chip("NVIDIA H100 SXM", "gpu", ("NVIDIA H100 80GB HBM3",), 989.5e12,
+                     494.5e12, "TF32 tensor cores", "NVIDIA H100 datasheet, dense"),
+    "h100-pcie": Chip("NVIDIA H100 PCIe", "gpu", ("NVIDIA H100 PCIe",), 756.5e12, 378e12, "TF32 tensor cores",
+                      "NVIDIA H100 datasheet, dense"),
+    "h200": Chip("NVIDIA H200", "gpu", ("NVIDIA H200",), 989.5e12, 494.5e12, "TF32 tensor cores",
+                 "NVIDIA H200 datasheet, dense"),
 }
+TPU_CHIPS = {name: chip for name, chip in CHIPS.items() if chip.platform == "tpu"}
+
+
+def chip_for_device_kind(device_kind: str) -> Chip | None:
+  """The table row of a JAX device kind (e.g. "TPU v5 lite", "NVIDIA H200"), None when it has none."""
+  for chip in CHIPS.values():
+    if device_kind in chip.device_kinds:
+      return chip
+  return None
 
 
 def topology_devices(topology: str):
   """The devices of a named TPU topology (no TPU needed; libtpu compiles for it)."""
   chip, _, shape = topology.partition(":")
-  if chip not in CHIPS or not shape:
-    raise UserError(f"topology {topology!r}; allowed: CHIP:SHAPE with CHIP one of {', '.join(CHIPS)}, "
+  if chip not in TPU_CHIPS or not shape:
+    raise UserError(f"topology {topology!r}; allowed: CHIP:SHAPE with CHIP one of {', '.join(TPU_CHIPS)}, "
                     "e.g. v5e:4x4, v4:2x2x1, v5p:2x2x2, v6e:8x8")
   try:
     import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
@@ -51,7 +105,7 @@ def topology_devices(topology: str):
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
-    return CHIPS[chip], topologies.get_topology_desc(topology, "tpu").devices
+    return TPU_CHIPS[chip], topologies.get_topology_desc(topology, "tpu").devices
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserError(f"unknown topology {topology!r} ({first}); allowed e.g. v5e:2x2, v5e:4x4, v4:2x2x1, "
@@ -135,6 +189,11 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
   chips = len(devices)
   tokens_per_chip = batch * seq_len / chips / seconds if seconds > 0 else 0.0
   flops_per_token = model.config.flops_per_token(seq_len)
+  dtype = model.config.dtype
+  peak = chip.peak_flops(dtype, jax.config.jax_default_matmul_precision)
+  peak_source = chip.peak_source(dtype)
+  if peak is None:  # float32 at a raised matmul precision: nothing published, and it cannot beat bfloat16
+    peak, peak_source = chip.peak_bf16_flops, chip.peak_source("bfloat16") + " (an upper bound for this precision)"
   result = {
       "config_model": f"{model.config.num_layers}x{model.config.d_model}", "topology": topology, "chips": chips,
       "mesh": dict(mesh.shape), "batch": batch, "seq_len": seq_len,
@@ -143,7 +202,8 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
       "xla_flops_per_chip_step": float(cost.get("flops", 0.0)), "xla_estimated_step_s": seconds,
       "estimate": method,
       "tokens_per_s_per_chip": tokens_per_chip,
-      "mfu_estimate": tokens_per_chip * flops_per_token / chip.peak_bf16_flops if seconds else 0.0,
+      "peak_flops_per_chip": peak, "peak_source": peak_source,
+      "mfu_estimate": tokens_per_chip * flops_per_token / peak if seconds else 0.0,
   }
   if sampler is not None:
     forward_s, _ = estimated_seconds(_cost(forward), chip)
@@ -155,7 +215,8 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
   log(f"{topology} ({chips} chips, mesh {result['mesh']}): {result['params'] / 1e6:.1f}M params, batch {batch} x {seq_len}")
   log(f"  train step: {result['train_memory_gib_per_chip']:.2f} GiB per chip of {result['hbm_gib']:.0f} GiB HBM; "
       f"XLA: {result['xla_flops_per_chip_step'] / 1e12:.2f} TFLOP per chip, est. ({method}) {seconds * 1e3:.1f} ms/step "
-      f"-> {tokens_per_chip:,.0f} tokens/s per chip, MFU ~{result['mfu_estimate']:.0%}")
+      f"-> {tokens_per_chip:,.0f} tokens/s per chip, MFU ~{result['mfu_estimate']:.0%} of {peak / 1e12:.1f} TFLOP/s "
+      f"per chip ({peak_source})")
   if sampler is not None:
     log(f"  sampler ({cfg.name}, T={cfg.steps}, batch {sample_batch}): "
         f"{result['sampler_memory_gib_per_chip']:.2f} GiB per chip, est. {result['sampler_estimated_s']:.3f} s "

@@ -8,16 +8,20 @@
   python -m diffusion_lm.bench --config=configs/demo.py --parts=train,sampling
 
 Parts:
-  train     tokens/s of the train step and model-FLOPs utilisation against this machine's dense
-            matmul peak, measured in the same run (and XLA's own flop count of the step).
+  train     tokens/s of the train step and model-FLOPs utilisation (MFU) of the whole step against the
+            whole machine's peak in the config's compute dtype: the chip's published dense peak times
+            the device count on TPU/GPU (aot.CHIPS), a matmul measured in this run on a CPU; each
+            line names its peak's source. Also XLA's own flop count of the step, summed over devices.
   sampling  for each sampler and step count T, at each batch size: seconds, tokens/s, latency per
             sequence, compile seconds, denoiser calls, and loop overhead = time / (calls x one
             forward of the same batch); the KV-cache AR decoder of the equal-size model alongside.
-  quality   generative perplexity of each setting's samples under the AR judge and their unigram
-            entropy, against tokens/s (needs --ar_workdir).
+  quality   generative perplexity of each setting's samples under the AR judge, against tokens/s
+            (needs --ar_workdir). Every sampling row also carries the samples' unigram entropy: per
+            sequence, averaged over sequences (MDLM / ReMDM), and pooled over the whole batch.
 Writes OUT/bench.json and OUT/bench.png (quality or latency against speed).
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -47,19 +51,85 @@ def peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def matmul_peak_flops(size: int = 2048, dtype="float32") -> float:
-  """Dense matmul FLOP/s of this machine (all devices), measured: the MFU denominator."""
+MATMUL_SIZE = 2048  # the measured peak times one MATMUL_SIZE^3 matmul: large enough to be compute bound
+
+
+def matmul_peak_flops(dtype: str = "float32", device=None, size: int = MATMUL_SIZE) -> float:
+  """Dense matmul FLOP/s of one device (default: the first), measured with `dtype` operands.
+
+  On a CPU one device's matmul already runs on every core, so this is the whole host's peak.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  a = jnp.ones((size, size), dtype)
+
+  from diffusion_lm.model import DTYPES  # pylint: disable=g-import-not-at-top
+  a = jax.device_put(jnp.ones((size, size), DTYPES[dtype]), device or jax.devices()[0])
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   best, _ = _best_time(lambda: f(a).block_until_ready(), 5)
-  # One device's peak times the device count (simulated CPU devices share the same cores).
-  return 2 * size**3 / best * (jax.device_count() if jax.devices()[0].platform != "cpu" else 1)
+  return 2 * size**3 / best
 
 
-def train_row(model, config, tokenizer, mesh, peak: float, steps: int, log=print) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Peak:
+  """The MFU denominator: dense matmul FLOP/s of the devices a step runs on, for one compute dtype.
+
+  Accounting is whole step against whole machine: MFU = model FLOPs of a step / step seconds / flops.
+  """
+
+  per_device_flops: float
+  devices: int  # how many per-device peaks add up (1 on a CPU: simulated devices share the cores)
+  dtype: str  # the config's compute dtype (model.dtype)
+  source: str  # where per_device_flops comes from: a named publication or a measurement
+
+  @property
+  def flops(self) -> float:
+    return self.per_device_flops * self.devices
+
+  def describe(self) -> str:
+    """E.g. '8 x 197.0 TFLOP/s bfloat16 (TPU v5e published bfloat16 peak, Google Cloud TPU v5e docs)'."""
+    count = f"{self.devices} x " if self.devices > 1 else ""
+    return f"{count}{_flops_text(self.per_device_flops)} {self.dtype} ({self.source})"
+
+
+def _flops_text(flops: float) -> str:
+  for unit, scale in (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9)):
+    if flops >= scale:
+      return f"{flops / scale:.1f} {unit}"
+  return f"{flops / 1e6:.1f} MFLOP/s"
+
+
+def select_peak(dtype: str, devices, measure=matmul_peak_flops, precision="config") -> Peak:
+  """The peak a step of compute dtype `dtype` on `devices` is measured against.
+
+  TPU and GPU: the chip's published dense peak for that dtype (aot.CHIPS, keyed by device kind), times
+  the device count; a chip or precision the table lacks falls back to a matmul measured on one device.
+  CPU: a matmul in `dtype` measured on one device, not multiplied: simulated devices share the cores.
+  measure(dtype, device) -> FLOP/s; precision: jax_default_matmul_precision ("config": read it).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from diffusion_lm import aot  # pylint: disable=g-import-not-at-top
+  from diffusion_lm.model import DTYPES  # pylint: disable=g-import-not-at-top
+  if dtype not in DTYPES:
+    raise UserError(f"model.dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
+  if precision == "config":
+    precision = jax.config.jax_default_matmul_precision
+  device = devices[0]
+  if device.platform == "cpu":
+    shared = f", shared by its {len(devices)} simulated devices" if len(devices) > 1 else ""
+    return Peak(measure(dtype, device), 1, dtype, f"measured {MATMUL_SIZE}^3 {dtype} matmul on this CPU{shared}")
+  chip = aot.chip_for_device_kind(device.device_kind)
+  published = chip.peak_flops(dtype, precision) if chip else None
+  if published:
+    return Peak(published, len(devices), dtype, chip.peak_source(dtype))
+  why = f"no published figure at matmul precision {precision}" if chip else "not in aot.CHIPS"
+  return Peak(measure(dtype, device), len(devices), dtype,
+              f"measured {MATMUL_SIZE}^3 {dtype} matmul on one {device.device_kind}: {why}")
+
+
+def train_row(model, config, tokenizer, mesh, peak: Peak, steps: int, log=print) -> dict:
+  """Times the train step; MFU of the whole step against `peak` (which must cover mesh's devices)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -78,7 +148,9 @@ def train_row(model, config, tokenizer, mesh, peak: float, steps: int, log=print
     compile_s = time.perf_counter() - start
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else (analysis or {})
-    xla_flops = float(analysis.get("flops", 0.0))
+    # XLA counts the flops of one device's partitioned program: summed over the mesh for the whole
+    # step (this includes work every device repeats, such as a replicated optimizer update).
+    xla_flops = float(analysis.get("flops", 0.0)) * mesh.devices.size
     state, metrics = compiled(state, x, jax.random.key(1))
     jax.block_until_ready(metrics)
     start = time.perf_counter()
@@ -89,13 +161,20 @@ def train_row(model, config, tokenizer, mesh, peak: float, steps: int, log=print
   tokens_per_s = batch * seq_len / seconds
   flops_per_token = model.config.flops_per_token(seq_len)
   row = {"part": "train", "objective": config.objective, "batch": batch, "seq_len": seq_len,
-         "step_s": seconds, "tokens_per_sec": tokens_per_s, "compile_s": compile_s,
-         "model_flops_per_token": flops_per_token, "matmul_peak_flops": peak,
-         "mfu": tokens_per_s * flops_per_token / peak,
-         "xla_flops_per_step": xla_flops, "xla_flops_utilisation": xla_flops / seconds / peak if xla_flops else None}
+         "devices": int(mesh.devices.size), "step_s": seconds, "tokens_per_sec": tokens_per_s,
+         "compile_s": compile_s, "model_flops_per_token": flops_per_token,
+         "model_flops_per_step": flops_per_token * batch * seq_len,
+         "peak_flops": peak.flops, "peak_flops_per_device": peak.per_device_flops, "peak_devices": peak.devices,
+         "peak_dtype": peak.dtype, "peak_source": peak.source,
+         "mfu": tokens_per_s * flops_per_token / peak.flops,
+         "xla_flops_per_step": xla_flops,
+         "xla_flops_utilisation": xla_flops / seconds / peak.flops if xla_flops else None}
   log(f"train ({config.objective}): batch {batch} x {seq_len}, {seconds * 1e3:.1f} ms/step, "
-      f"{tokens_per_s:,.0f} tokens/s, MFU {row['mfu']:.1%} of the measured {peak / 1e9:.1f} GFLOP/s "
-      f"matmul peak, compile {compile_s:.1f} s")
+      f"{tokens_per_s:,.0f} tokens/s, compile {compile_s:.1f} s, MFU {row['mfu']:.1%} of {peak.describe()}")
+  if xla_flops:
+    log(f"  XLA counts {xla_flops / 1e9:.3g} GFLOP per step over {mesh.devices.size} device(s), "
+        f"{xla_flops / row['model_flops_per_step']:.2f} x the model FLOPs: {row['xla_flops_utilisation']:.1%} "
+        "of the peak")
   return row
 
 
@@ -157,12 +236,13 @@ def sampling_rows(run, *, batches, seq_len: int, steps_list, samplers, repeats: 
       if judge is not None:
         row["gen_perplexity"] = math.exp(judge(out.tokens))
       row["sample_entropy_bits"] = experiment.unigram_entropy_bits(out.tokens)
+      row["pooled_entropy_bits"] = experiment.pooled_unigram_entropy_bits(out.tokens)
       rows.append(row)
       quality = f"  gen ppl {row['gen_perplexity']:8.2f}" if "gen_perplexity" in row else ""
       log(f"{name:>10} T={steps:<4} B={batch:<3} {seconds:8.3f} s  {row['tokens_per_sec']:9.0f} tok/s  "
           f"{row['latency_per_sequence_s'] * 1e3:8.1f} ms/seq  compile {row['compile_s']:5.1f} s  "
           f"calls {calls:4d}  overhead {row['overhead_vs_calls']:.3f}{quality}  "
-          f"entropy {row['sample_entropy_bits']:.2f} bits")
+          f"entropy {row['sample_entropy_bits']:.2f} bits (per-sequence mean)")
   return rows
 
 
@@ -274,14 +354,20 @@ def main(argv):
   log = lambda m: print(m, flush=True)
   log(f"# benchmark: {source}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
       f"{experiment.param_count(run.params):,} parameters, vocab {run.tokenizer.vocab_size}")
-  peak = matmul_peak_flops()
-  log(f"dense matmul peak (2048^3 float32, measured): {peak / 1e9:.1f} GFLOP/s")
-  rows = [{"part": "machine", "matmul_peak_flops": peak, "devices": jax.device_count(),
-           "platform": jax.devices()[0].platform}]
+  rows = [{"part": "machine", "devices": jax.device_count(), "platform": jax.devices()[0].platform,
+           "device_kind": jax.devices()[0].device_kind}]
   if "train" in FLAGS.parts:
-    rows.append(train_row(run.model, run.config, run.tokenizer, run.mesh, peak, FLAGS.train_steps, log))
-    if ar_run is not None:
-      rows.append(train_row(ar_run.model, ar_run.config, ar_run.tokenizer, ar_run.mesh, peak, FLAGS.train_steps, log))
+    measured = {}  # one measurement per (dtype, device), shared by both models
+
+    def measure(dtype, device):
+      if (dtype, device.id) not in measured:
+        measured[dtype, device.id] = matmul_peak_flops(dtype, device)
+      return measured[dtype, device.id]
+
+    for target in [run] + ([ar_run] if ar_run is not None else []):
+      peak = select_peak(target.model.config.dtype, target.mesh.devices.flatten().tolist(), measure)
+      rows.append(train_row(target.model, target.config, target.tokenizer, target.mesh, peak, FLAGS.train_steps,
+                            log))
   if "sampling" in FLAGS.parts or "quality" in FLAGS.parts:
     rows += sampling_rows(run, batches=batches, seq_len=FLAGS.seq_len, steps_list=steps_list,
                           samplers=FLAGS.samplers, repeats=FLAGS.repeats, block_length=FLAGS.block_length,

@@ -86,7 +86,8 @@ def main(argv):
 
 
 def _generated_sample_metrics(trained, config) -> dict:
-  """Unigram entropy of N samples and, with a judge, their generative perplexity under it."""
+  """Unigram entropy of N samples (per sequence, averaged; and pooled) and, with a judge, their
+  generative perplexity under it."""
   from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
   from diffusion_lm.generation import Generator, sampler_config  # pylint: disable=g-import-not-at-top
   cfg = sampler_config(config.sampling, name=FLAGS.sampler, steps=FLAGS.gen_steps)
@@ -99,7 +100,8 @@ def _generated_sample_metrics(trained, config) -> dict:
       "sampler": "ar" if trained.model.config.causal else cfg.name,
       "gen_steps": config.data.seq_len if trained.model.config.causal else cfg.steps,
       "gen_seed": FLAGS.gen_seed,
-      "sample_entropy_bits": experiment.unigram_entropy_bits(samples),
+      "sample_entropy_bits": experiment.unigram_entropy_bits(samples),  # per sequence, mean (MDLM / ReMDM)
+      "pooled_entropy_bits": experiment.pooled_unigram_entropy_bits(samples),
   }
   if FLAGS.judge_workdir:
     judge = experiment.load_trained(FLAGS.judge_workdir)

@@ -435,12 +435,26 @@ def ar_scorer(trained: "Trained"):
   return score
 
 
-def unigram_entropy_bits(tokens: np.ndarray, ignore=()) -> float:
-  """Entropy (bits) of the token frequencies in `tokens`: low for degenerate, repetitive samples."""
-  flat = np.asarray(tokens).ravel()
-  flat = flat[~np.isin(flat, list(ignore))] if ignore else flat
-  if flat.size == 0:
+def _entropy_bits(flat_tokens: np.ndarray) -> float:
+  if flat_tokens.size == 0:
     return 0.0
-  counts = np.bincount(flat).astype(np.float64)
-  p = counts[counts > 0] / flat.size
+  counts = np.bincount(flat_tokens).astype(np.float64)
+  p = counts[counts > 0] / flat_tokens.size
   return float(-(p * np.log2(p)).sum())
+
+
+def unigram_entropy_bits(tokens_NxL: np.ndarray, ignore=()) -> float:
+  """Sample entropy as MDLM and ReMDM report it: the entropy (bits) of each sequence's own token
+  histogram, averaged over the N sequences. Low for degenerate, repetitive samples; unlike the
+  pooled figure it does not grow with N, so it compares across batch sizes and with their tables.
+  Ids in `ignore` are dropped first (a sequence left empty counts as 0 bits)."""
+  rows = np.asarray(tokens_NxL)
+  if rows.ndim != 2 or rows.shape[0] == 0:
+    raise UserError(f"sample tokens of shape {rows.shape}; allowed: [num_sequences >= 1, length]")
+  return float(np.mean([_entropy_bits(row[~np.isin(row, list(ignore))] if ignore else row) for row in rows]))
+
+
+def pooled_unigram_entropy_bits(tokens: np.ndarray, ignore=()) -> float:
+  """Entropy (bits) of the token histogram of all sequences together (at most log2 of the vocabulary)."""
+  flat = np.asarray(tokens).ravel()
+  return _entropy_bits(flat[~np.isin(flat, list(ignore))] if ignore else flat)

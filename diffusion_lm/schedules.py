@@ -80,10 +80,12 @@ class Schedule:
     t = jnp.asarray(t, jnp.float32)
     if self.name in ("linear", "mlm"):
       return 1.0 / t  # exact form, no cancellation at small t
-    if self.name == "geometric":
-      sigma = self._sigma(t)
-      return sigma * math.log(self.sigma_max / self.sigma_min) / jnp.expm1(sigma)
-    return -self.dalpha(t) / (1.0 - self.alpha(t))
+    if self.name == "polynomial":  # exact form: 1 - alpha = t**power rounds to 0 in float32 near t = 1e-4
+      return self.power / t
+    if self.name == "cosine":  # exact form: 1 - alpha = sin(pi t / 2), without the cancellation
+      return 0.5 * math.pi / jnp.tan(0.5 * math.pi * t)
+    sigma = self._sigma(t)  # geometric
+    return sigma * math.log(self.sigma_max / self.sigma_min) / jnp.expm1(sigma)
 
   def inverse_alpha(self, alpha):
     """The t in [0, 1] with alpha(t) = alpha (clipped to the schedule's range); float array like alpha.

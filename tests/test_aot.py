@@ -19,6 +19,22 @@ def test_tiny_config_compiles_for_a_v5e_slice(tiny_config):
   assert 0 < result["train_memory_gib_per_chip"] < 1 and result["xla_flops_per_chip_step"] > 0
   assert result["xla_estimated_step_s"] > 0 and result["tokens_per_s_per_chip"] > 0
   assert result["sampler_memory_gib_per_chip"] > 0 and result["sampler_estimated_s"] > 0
+  # configs/tiny.py computes in float32, which JAX's default precision runs as one bf16 MXU pass on a TPU:
+  # the v5e's published 197 TFLOP/s per chip (Google Cloud TPU v5e docs) is the MFU denominator.
+  assert result["peak_flops_per_chip"] == 197e12 and "TPU v5e" in result["peak_source"]
+  assert "one bfloat16 MXU pass" in result["peak_source"]
+
+
+def test_mfu_estimate_uses_the_config_dtype_peak_and_real_vocabulary(tiny_config):
+  from diffusion_lm import aot
+  tiny_config.model.dtype = "bfloat16"
+  result = aot.check(tiny_config, "v6e:2x2", vocab_size=40, log=lambda m: None)
+  assert result["peak_flops_per_chip"] == 918e12 and "TPU v6e published bfloat16 peak" in result["peak_source"]
+  # Model FLOPs per token of the tiny model (2 layers, d 32, MLP 64, 32 positions) counted by hand, with the
+  # head over the 40 real tokens (not the 128 padded rows): N = 2 x (4 x 32 x 32 + 3 x 32 x 64) + 32 x 40.
+  flops_per_token = 3 * (2 * (2 * 10240 + 1280) + 2 * 2 * 2 * 32 * 32)
+  expected = result["tokens_per_s_per_chip"] * flops_per_token / 918e12
+  assert abs(result["mfu_estimate"] - expected) < 1e-9 * expected
 
 
 def test_fsdp_shards_memory_across_chips(tiny_config):

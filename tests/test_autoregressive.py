@@ -109,7 +109,9 @@ def test_evaluate_ar_exact_and_generative_perplexity(ar_workdir, trained_workdir
              "--num_gen_samples=4", "--gen_steps=8", "--discrete_steps=16")
   assert out.returncode == 0, out.stderr
   record = json.loads(out.stdout.strip().splitlines()[-1])
-  assert record["gen_perplexity"] > 1 and 0 < record["sample_entropy_bits"] < 7
+  assert record["gen_perplexity"] > 1
+  # Per-sequence entropy of 32-token samples is at most log2(32) = 5 bits; pooling 4 samples can only add.
+  assert 0 < record["sample_entropy_bits"] <= 5 and record["pooled_entropy_bits"] >= record["sample_entropy_bits"]
   assert record["sampler"] == "ancestral" and record["gen_steps"] == 8 and record["discrete_steps"] == 16
   assert record["bits_per_token_discrete"] > 0
   lines = open(os.path.join(trained_workdir, "eval.jsonl")).read().splitlines()

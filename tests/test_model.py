@@ -109,3 +109,40 @@ def test_sequence_longer_than_max_len():
   model, params, _ = _init(CFG)
   with pytest.raises(UserError, match="exceeds model.max_len=16"):
     model.apply({"params": params}, jnp.zeros((1, 17), jnp.int32))
+
+
+def _dot_flops(jaxpr) -> float:
+  """FLOPs of every dot_general in a jaxpr (2 per multiply-add), nested jaxprs included."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      lhs, rhs = (v.aval.shape for v in eqn.invars)
+      (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+      rhs_free = [n for i, n in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
+      total += 2.0 * np.prod(lhs) * np.prod(rhs_free)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          total += _dot_flops(inner)
+  return total
+
+
+def test_flops_per_token_by_hand():
+  # CFG: 2 layers, d 32, MLP 64, 13 data tokens, 16 positions. Per layer q, k, v, out: 4 x 32 x 32 and
+  # gate, up, down: 3 x 32 x 64 weights; the head 32 x 13 (its padding rows are not model FLOPs), so
+  # N = 2 x 10240 + 416 = 20896. Attention per token and layer: scores 2 x 16 x 32 + values 2 x 16 x 32.
+  forward = 2 * 20896 + 2 * 2048
+  assert CFG.flops_per_token(16, training=False) == forward == 45888
+  assert CFG.flops_per_token(16) == 3 * forward
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flops_per_token_counts_the_network_matmuls_less_the_padding(causal):
+  cfg = ModelConfig(**{**CFG.__dict__, "causal": causal})
+  model, params, tokens = _init(cfg)
+  jaxpr = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(params, tokens).jaxpr
+  per_token = _dot_flops(jaxpr) / tokens.size
+  # The network multiplies by all padded_vocab head columns; only vocab_size of them are model FLOPs.
+  padding = 2 * cfg.d_model * (cfg.padded_vocab - cfg.vocab_size)
+  assert per_token - padding == cfg.flops_per_token(tokens.shape[1], training=False)
