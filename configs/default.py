@@ -10,7 +10,9 @@ def get_config(arg=None):
   del arg
   config = ml_collections.ConfigDict()
   config.seed = 0  # seeds init, data order, masking and periodic samples
-  config.objective = "diffusion"  # diffusion (masked diffusion ELBO) | ar (the causal baseline, same network)
+  # diffusion (masked diffusion ELBO) | ar (the causal baseline, same network) | block (block diffusion,
+  # BD3-LM: masked diffusion inside blocks of model.block_size tokens, autoregressive across blocks)
+  config.objective = "diffusion"
 
   config.data = data = ml_collections.ConfigDict()
   data.source = "bundled"  # bundled (Shakespeare shipped in the package) | local (data.path) | tfds
@@ -36,6 +38,7 @@ def get_config(arg=None):
   model.num_heads = 6  # attention heads (d_model / num_heads must be even)
   model.mlp_dim = 1536  # SwiGLU hidden width
   model.max_len = 128  # longest sequence the model accepts
+  model.block_size = 0  # objective=block: tokens per block (divides data.seq_len); 0 for other objectives
   model.time_conditioning = False  # adaLN on t; masked diffusion works without it (MD4, MDLM)
   model.dtype = "float32"  # compute dtype: float32 on CPU, bfloat16 on TPU; params stay float32
   model.remat = False  # rematerialise each block in the backward pass (saves memory)

@@ -49,7 +49,7 @@ def main(argv):
     raise UserError(f"unexpected arguments {argv[1:]}; allowed: flags only")
   if not FLAGS.workdir:
     raise UserError("--workdir is required: the training workdir to evaluate")
-  from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
+  from diffusion_lm import experiment, objectives  # pylint: disable=g-import-not-at-top
   trained = experiment.load_trained(FLAGS.workdir, use_ema=not FLAGS.raw_params)
   config = trained.config
   split = FLAGS.split or config.data.eval_split
@@ -68,7 +68,7 @@ def main(argv):
       "checkpoint_step": trained.step,
       "params": "raw" if FLAGS.raw_params else "ema",
       "objective": config.objective,
-      "bound": "exact" if config.objective == "ar" else "continuous-time ELBO",
+      "bound": objectives.get(config.objective).bound,
       "schedule": trained.schedule.bound_schedule.name,
       "num_t_samples": eval_config.num_t_samples,
       "seed": eval_config.seed,

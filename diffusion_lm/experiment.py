@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from diffusion_lm import autoregressive, checkpointing, data, diffusion, sharding, tokenizers
+from diffusion_lm import autoregressive, checkpointing, data, diffusion, objectives, sharding, tokenizers
 from diffusion_lm.errors import UserError
 from diffusion_lm.model import ModelConfig, Transformer
 from diffusion_lm.schedules import Schedule
@@ -30,13 +30,13 @@ from diffusion_lm.schedules import Schedule
 # ----------------------------------------------------------------------------- config checks
 
 
-OBJECTIVES = ("diffusion", "ar")
-
-
 def check_config(config) -> None:
   """Validates the fields that are easy to get wrong, each with a one-line error."""
-  if config.objective not in OBJECTIVES:
-    raise UserError(f"objective={config.objective!r}; allowed: {', '.join(OBJECTIVES)}")
+  objective = objectives.get(config.objective)
+  if config.model.get("block_size", 0) and objective.name != "block":
+    raise UserError(f"model.block_size={config.model.block_size} with objective={objective.name!r}; allowed: 0 "
+                    "(block_size is for objective='block')")
+  objective.check(config)
   t = config.training
   for name in ("batch_size", "num_steps", "log_every", "eval_every", "sample_every", "checkpoint_every",
                "keep_checkpoints"):
@@ -111,8 +111,9 @@ def load_windows(config, workdir: str, tokenizer, split: str):
 
 
 def model_config(config, vocab_size: int) -> ModelConfig:
-  """The denoiser's shape; the autoregressive baseline is the same network with causal attention."""
-  return ModelConfig(vocab_size=vocab_size, causal=config.objective == "ar", **config.model)
+  """The network's shape; the objective sets its attention structure (the autoregressive baseline is the
+  same network with causal attention, block diffusion with block-causal attention)."""
+  return ModelConfig(vocab_size=vocab_size, **{**config.model, **objectives.get(config.objective).model_fields(config)})
 
 
 @flax.struct.dataclass
@@ -174,13 +175,9 @@ def param_count(params) -> int:
 
 
 def sequence_loss(params, tokens_BxL, key, *, model, schedule, mask_id, objective="diffusion", bos_id=0):
-  """Per-sequence loss in nats (diffusion: negative ELBO estimate; ar: exact NLL) and the mask count."""
-  if objective == "ar":
-    nll = autoregressive.next_token_nll(lambda x: model.apply({"params": params}, x), tokens_BxL, bos_id)
-    return nll, jnp.zeros_like(nll)
-  denoiser = lambda x, t: model.apply({"params": params}, x, t)
-  out = diffusion.diffusion_loss(denoiser, tokens_BxL, key, schedule, mask_id)
-  return out["nelbo"], out["num_masked"]
+  """Per-sequence loss in nats (a negative ELBO estimate, or the exact NLL for ar) and the mask count."""
+  return objectives.get(objective).loss(model, params, tokens_BxL, key, schedule=schedule, mask_id=mask_id,
+                                        bos_id=bos_id)
 
 
 def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_id, ema_decay,
@@ -230,38 +227,15 @@ def eval_step(params, tokens_BxL, valid_B, key, *, model, schedule, mask_id, num
               objective="diffusion", bos_id=0, discrete_steps=0):
   """Summed bounds (nats) over the valid rows, and their token count.
 
-  Returns {"nats": continuous-time negative ELBO (ar: exact NLL), "nats_discrete": the T-step bound
-  (when discrete_steps > 0), "tokens": count}. Time draws are stratified: the k-th of n draws for a
-  row is at (k + u) / n with one uniform u per row, an unbiased low-variance estimate.
+  Returns {"nats": the objective's bound (ar: exact NLL), "nats_discrete": the T-step bound (masked
+  diffusion, when discrete_steps > 0), "tokens": count}.
   """
-  batch_size, seq_len = tokens_BxL.shape
   valid = valid_B.astype(jnp.float32)
-  count = jnp.sum(valid) * seq_len
-  if objective == "ar":
-    nll_B = autoregressive.next_token_nll(lambda x: model.apply({"params": params}, x), tokens_BxL, bos_id)
-    return {"nats": jnp.sum(nll_B * valid), "tokens": count}
-  schedule = schedule.bound_schedule
-  denoiser = lambda x, t: model.apply({"params": params}, x, t)
-  time_key, mask_key, discrete_key = jax.random.split(key, 3)
-  u_B = jax.random.uniform(time_key, (batch_size,))
-
-  def body(k, totals):
-    grid_B = (k + u_B) / num_t_samples
-    t_B = diffusion.T_MIN + (1.0 - diffusion.T_MIN) * grid_B
-    cont = diffusion.diffusion_loss(denoiser, tokens_BxL, jax.random.fold_in(mask_key, k), schedule,
-                                    mask_id, t_B=t_B)["nelbo"]
-    if not discrete_steps:
-      return totals[0] + cont, totals[1]
-    disc = diffusion.discrete_loss(denoiser, tokens_BxL, jax.random.fold_in(discrete_key, k), schedule,
-                                   mask_id, discrete_steps, u_B=grid_B)["nelbo"]
-    return totals[0] + cont, totals[1] + disc
-
-  zeros = jnp.zeros((batch_size,), jnp.float32)
-  cont_B, disc_B = jax.lax.fori_loop(0, num_t_samples, body, (zeros, zeros))
-  out = {"nats": jnp.sum(cont_B * valid) / num_t_samples, "tokens": count}
-  if discrete_steps:
-    out["nats_discrete"] = jnp.sum(disc_B * valid) / num_t_samples
-  return out
+  per_row = objectives.get(objective).eval_nats(model, params, tokens_BxL, key, schedule=schedule, mask_id=mask_id,
+                                                bos_id=bos_id, num_t_samples=num_t_samples,
+                                                discrete_steps=discrete_steps)
+  return {**{name: jnp.sum(nats_B * valid) for name, nats_B in per_row.items()},
+          "tokens": jnp.sum(valid) * tokens_BxL.shape[1]}
 
 
 class Evaluator:
@@ -275,7 +249,7 @@ class Evaluator:
   def __init__(self, model, schedule, mask_id, mesh, param_shardings, eval_config, objective="diffusion",
                bos_id=0):
     self.objective = objective
-    self.discrete_steps = 0 if objective == "ar" else int(eval_config.get("discrete_steps", 0))
+    self.discrete_steps = int(eval_config.get("discrete_steps", 0)) if objective == "diffusion" else 0
     if eval_config.batch_size % sharding.data_parallel_size(mesh):
       raise UserError(f"evaluation.batch_size={eval_config.batch_size} is not divisible by the data-parallel"
                       f" size {sharding.data_parallel_size(mesh)}")

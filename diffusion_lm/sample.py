@@ -4,6 +4,9 @@
   python -m diffusion_lm.sample --workdir=runs/demo --sampler=confidence --confidence=margin --steps=32
   python -m diffusion_lm.sample --workdir=runs/demo --infill="To be, or not to be: [MASK*12] the question."
   python -m diffusion_lm.sample --workdir=runs/demo --show --html=denoise.html
+  python -m diffusion_lm.sample --workdir=runs/demo --sampler=remdm --remask_schedule=loop --remask_eta=0.02 \
+      --remask_t_on=0.55 --remask_t_off=0.05 --steps=256
+  python -m diffusion_lm.sample --workdir=runs/demo_block --sampler=threshold --steps=4 --max_new_tokens=512
 """
 
 import json
@@ -19,7 +22,8 @@ FLAGS = flags.FLAGS
 # Flags that override the checkpoint config's sampling.<name> when given (None: keep the config's).
 # A new sampler setting is a flag in define_flags' sampler groups and its name here.
 _OVERRIDES = ("steps", "temperature", "top_k", "top_p", "float64", "guidance", "time_grid", "cache", "confidence",
-              "commit_schedule", "block_length", "threshold", "remask_eta")
+              "commit_schedule", "block_length", "threshold", "remask_schedule", "remask_eta", "remask_t_on",
+              "remask_t_off", "remask_alpha_on")
 
 
 def define_flags():
@@ -29,6 +33,9 @@ def define_flags():
   flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA parameters.")
   flags.DEFINE_integer("num_samples", 4, "Number of sequences to generate.")
   flags.DEFINE_integer("seq_len", None, "Length of each sequence in tokens (default: data.seq_len).")
+  flags.DEFINE_integer("max_new_tokens", None, "Generate up to this many tokens after the prompt (instead of "
+                       "--seq_len); block-diffusion and AR models may go past max_len and block models stop at "
+                       "the end-of-document token.")
   flags.DEFINE_integer("seed", 0, "Random seed; sequence i uses fold_in(key(seed), i).")
   flags.DEFINE_string("prompt", "", "Text held fixed at the start of every sample.")
   flags.DEFINE_string("suffix", "", "Text held fixed at the end of every sample.")
@@ -36,7 +43,8 @@ def define_flags():
 
   # The sampler and the settings every sampler shares (default: the checkpoint config's sampling.*).
   flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS), "Sampling strategy.")
-  flags.DEFINE_integer("steps", None, "Denoising steps T (threshold: the most it may take).")
+  flags.DEFINE_integer("steps", None, "Denoising steps T (threshold: the most it may take; block-diffusion "
+                       "models: per block).")
   flags.DEFINE_float("temperature", None, "Softmax temperature (0 = argmax).")
   flags.DEFINE_integer("top_k", None, "Keep only the k most likely tokens (0 = off).")
   flags.DEFINE_float("top_p", None, "Nucleus sampling mass in (0, 1] (1 = off).")
@@ -45,14 +53,19 @@ def define_flags():
 
   # Settings of particular samplers; the help starts with the samplers that read it.
   flags.DEFINE_enum("time_grid", None, list(sampling.TIME_GRIDS), "ancestral/remdm: the time grid.")
-  flags.DEFINE_bool("cache", None, "ancestral: reuse logits after steps that revealed nothing.")
+  flags.DEFINE_bool("cache", None, "ancestral/remdm: reuse logits after steps that changed nothing.")
   flags.DEFINE_enum("confidence", None, list(sampling.CONFIDENCES),
                     "confidence/blocks/threshold/remdm: how sure a prediction is.")
   flags.DEFINE_enum("commit_schedule", None, list(sampling.COMMIT_SCHEDULES),
                     "confidence/blocks: how many tokens are committed per step.")
   flags.DEFINE_integer("block_length", None, "blocks: tokens per block (must divide seq_len).")
   flags.DEFINE_float("threshold", None, "threshold: commit predictions at least this confident, in (0, 1].")
-  flags.DEFINE_float("remask_eta", None, "remdm: cap on the per-step remasking probability.")
+  flags.DEFINE_enum("remask_schedule", None, list(sampling.REMASK_SCHEDULES),
+                    "remdm: how much to remask per step (ReMDM's cap, rescale, conf and loop).")
+  flags.DEFINE_float("remask_eta", None, "remdm: eta of cap (sigma <= eta), rescale (sigma = eta sigma_max), loop.")
+  flags.DEFINE_float("remask_t_on", None, "remdm: remask only while t_off < t <= t_on (loop: alpha held there).")
+  flags.DEFINE_float("remask_t_off", None, "remdm: end of the remasking window in t.")
+  flags.DEFINE_float("remask_alpha_on", None, "remdm loop: alpha held inside the window.")
 
   # Output.
   flags.DEFINE_bool("show", False, "Animate the unmasking in the terminal.")
@@ -75,18 +88,34 @@ def main(argv):
   overrides["name"] = FLAGS.sampler
   trained = experiment.load_trained(FLAGS.workdir, use_ema=not FLAGS.raw_params)
   cfg = sampler_config(trained.config.sampling, **overrides)
-  max_len = trained.config.model.max_len
+  model_config = trained.model.config
+  # Causal and block-diffusion models decode with a sliding key/value cache: any length.
+  cached = model_config.causal or model_config.block_size
+  max_len = model_config.max_len
   seq_len = trained.config.data.seq_len if FLAGS.seq_len is None else FLAGS.seq_len
-  if seq_len < 1 or seq_len > max_len:
-    raise UserError(f"--seq_len={seq_len}; allowed: 1 to the model's max_len={max_len}")
+  if FLAGS.max_new_tokens is not None:
+    if FLAGS.seq_len is not None or FLAGS.suffix or FLAGS.infill:
+      raise UserError("--max_new_tokens sets the length after the prompt; allowed: with --prompt only (no "
+                      "--seq_len, --suffix or --infill)")
+    if FLAGS.max_new_tokens < 1:
+      raise UserError(f"--max_new_tokens={FLAGS.max_new_tokens}; allowed: an integer >= 1")
+    seq_len = len(trained.tokenizer.encode(FLAGS.prompt)) + FLAGS.max_new_tokens if FLAGS.prompt else \
+        FLAGS.max_new_tokens
+    if model_config.block_size:
+      seq_len = -(-seq_len // model_config.block_size) * model_config.block_size
+  if seq_len < 1 or (seq_len > max_len and not cached):
+    what = f"--seq_len={seq_len}" if FLAGS.max_new_tokens is None else f"prompt + --max_new_tokens = {seq_len}"
+    raise UserError(f"{what}; allowed: 1 to the model's max_len={max_len} (only AR and block-diffusion models "
+                    "generate past it)")
   trajectory = bool(FLAGS.show or FLAGS.html)
   generator = Generator(trained.model, trained.schedule, trained.tokenizer, trained.mesh,
                         trained.param_shardings, cfg, return_trajectory=trajectory)
   tokens = generator.template(seq_len, FLAGS.num_samples, prompt=FLAGS.prompt, suffix=FLAGS.suffix,
                               infill=FLAGS.infill)
   out = generator(trained.params, tokens, FLAGS.seed)
-  texts = generator.decode(out.tokens)
-  meta = (f"{FLAGS.num_samples} samples, {seq_len} tokens, {cfg.name} sampler, {cfg.steps} steps"
+  texts = generator.decode([row[:n] for row, n in zip(out.tokens, out.lengths)])
+  per = f" per {model_config.block_size}-token block" if model_config.block_size else ""
+  meta = (f"{FLAGS.num_samples} samples, {seq_len} tokens, {cfg.name} sampler, {cfg.steps} steps{per}"
           f"{' (max)' if cfg.name == 'threshold' else ''}, seed {FLAGS.seed}, checkpoint step {trained.step}")
   if FLAGS.show:
     visualize.show_in_terminal(trained.tokenizer, tokens, out.trajectory)
@@ -94,12 +123,14 @@ def main(argv):
     visualize.write_html(FLAGS.html, trained.tokenizer, tokens, out.trajectory, meta)
   if FLAGS.json:
     for i, text in enumerate(texts):
-      print(json.dumps({"index": i, "text": text, "steps_used": int(out.steps_used[i])}), flush=True)
+      print(json.dumps({"index": i, "text": text, "length": int(out.lengths[i]),
+                        "steps_used": int(out.steps_used[i])}), flush=True)
   else:
     print(f"# {meta}; denoiser calls {out.num_calls}", flush=True)
     for i, text in enumerate(texts):
-      used = f" ({int(out.steps_used[i])} steps)" if cfg.name == "threshold" else ""
-      print(f"--- sample {i}{used} ---\n{text}", flush=True)
+      notes = [f"{int(out.lengths[i])} tokens"] if cached else []
+      notes += [f"{int(out.steps_used[i])} steps"] if cfg.name == "threshold" else []
+      print(f"--- sample {i}{' (' + ', '.join(notes) + ')' if notes else ''} ---\n{text}", flush=True)
   if FLAGS.html:
     print(f"# wrote {FLAGS.html}", flush=True)
   sys.stdout.flush()

@@ -241,7 +241,11 @@ def _write_samples(generator, params, template, config, workdir, step, writer):
   texts = generator.decode(generator(params, template, cfg.seed).tokens)
   if jax.process_index() != 0:
     return
-  how = "autoregressive" if config.objective == "ar" else f"{cfg.name} sampler, {cfg.steps} steps"
+  if config.objective == "ar":
+    how = "autoregressive"
+  else:
+    per_block = f" per {config.model.block_size}-token block" if config.objective == "block" else ""
+    how = f"{cfg.name} sampler, {cfg.steps} steps{per_block}"
   body = "\n".join(f"--- sample {i} (step {step}, {how}) ---\n{text}"
                    for i, text in enumerate(texts))
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
