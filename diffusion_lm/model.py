@@ -31,6 +31,7 @@ class ModelConfig:
   time_conditioning: bool = False
   causal: bool = False
   block_size: int = 0  # block diffusion (objective "block"): tokens per block; 0 = not block-structured
+  decode_window: int = 0  # cached decoding sees at most this many positions (0 = max_len); the trained length
   dtype: str = "float32"
   remat: bool = False
   rope_base: float = 10000.0
@@ -160,9 +161,9 @@ class Block(nn.Module):
     commit=True its keys/values stay in the cache and the index advances past it; otherwise the cache is
     left as it was, so a block can be denoised many times against the same prefix.
 
-    The cache is a ring of `cache_size` slots (max_len, rounded down to whole blocks): generation may
-    run past max_len, each chunk then seeing the last cache_size positions, the window the model was
-    trained on (rotary embeddings are relative, so a sliding window needs no re-encoding).
+    The cache is a ring of `cache_size` slots (the trained sequence length, rounded down to whole
+    blocks): generation may run past it, each chunk then seeing the last cache_size positions, the
+    window the model was trained on (rotary embeddings are relative, so sliding needs no re-encoding).
     The first call (the cache does not exist yet) only creates the cache.
     """
     cfg = self.config
@@ -198,8 +199,9 @@ class Block(nn.Module):
 
 
 def cache_size(cfg: ModelConfig) -> int:
-  """Slots of the decoding cache: max_len, rounded down to whole blocks for block diffusion."""
-  return cfg.max_len - cfg.max_len % cfg.block_size if cfg.block_size else cfg.max_len
+  """Slots of the decoding cache: decode_window (else max_len), rounded down to whole blocks for block diffusion."""
+  size = min(cfg.decode_window or cfg.max_len, cfg.max_len)
+  return size - size % cfg.block_size if cfg.block_size else size
 
 
 class Transformer(nn.Module):

@@ -18,9 +18,9 @@ VOCAB, L = 11, 16
 MASK = VOCAB
 
 
-def tiny(block_size, max_len=L):
+def tiny(block_size, max_len=L, decode_window=0):
   model = Transformer(ModelConfig(vocab_size=VOCAB, num_layers=2, d_model=32, num_heads=2, mlp_dim=64,
-                                  max_len=max_len, block_size=block_size))
+                                  max_len=max_len, block_size=block_size, decode_window=decode_window))
   params = model.init(jax.random.key(1), jnp.zeros((1, L), jnp.int32))["params"]
   # Non-zero, varied weights so that attention patterns matter for the output.
   params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(p.size), p.shape), params)
@@ -96,20 +96,23 @@ def test_unit_blocks_give_the_autoregressive_likelihood_in_expectation():
 # ----------------------------------------------------------------------------- decoding
 
 
-def _reference_decode(model, params, key, tokens, ids, cfg, block_size):
-  """Recomputes the whole prefix at every denoising step (no cache), same keys as the cached decoder."""
+def _reference_decode(model, params, key, tokens, ids, cfg, block_size, window=None):
+  """Recomputes the prefix (its last `window` - block_size positions) at every denoising step, no cache,
+  with the same keys as the cached decoder."""
   keys_B = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
   x = tokens
   inner = {"ancestral": remdm, "threshold": threshold}[cfg.name]
   for b in range(tokens.shape[1] // block_size):
     lo, hi = b * block_size, (b + 1) * block_size
-    prefix = x[:, :lo]
-    blk = np.arange(hi) // block_size
+    first = 0 if window is None else max(0, hi - window)
+    prefix = x[:, first:lo]
+    blk = np.arange(first, hi) // block_size
     attend = jnp.asarray(blk[None, :] <= blk[:, None])
 
-    def denoiser(xc, t, prefix=prefix, hi=hi, attend=attend, lo=lo):
+    def denoiser(xc, t, prefix=prefix, hi=hi, attend=attend, first=first):
       full = jnp.concatenate([prefix, xc], axis=1)
-      return model.apply({"params": params}, full, None, positions_L=jnp.arange(hi), mask_QxK=attend)[:, lo:]
+      logits = model.apply({"params": params}, full, None, positions_L=jnp.arange(first, hi), mask_QxK=attend)
+      return logits[:, -block_size:]
 
     run = Run(denoiser=denoiser, keys_B=jax.vmap(lambda k, b=b: jax.random.fold_in(k, b))(keys_B),
               given_BxL=x[:, lo:hi] != MASK, cfg=cfg, schedule=Schedule("linear"), mask_id=MASK, record_steps=0,
@@ -132,6 +135,18 @@ def test_cached_block_decoding_matches_recomputing_the_prefix(cfg):
   assert (np.asarray(fast.tokens)[:, :2] == 3).all()
   # Every step runs the network on one block: inner calls plus one commit per block.
   assert int(fast.num_calls) >= 4 + 4 and (cfg.name != "ancestral" or int(fast.num_calls) <= 4 * 4 + 4)
+
+
+def test_decoding_past_the_window_slides_over_the_last_positions():
+  model, params = tiny(4, max_len=16, decode_window=8)  # each block sees the 4 positions before it
+  cfg = SamplerConfig("ancestral", steps=4)
+  start = jnp.full((2, 24), MASK, jnp.int32)
+  ids = jnp.arange(2)
+  fast = jax.jit(lambda k, x: block_decode.sample(model, params, k, x, ids, cfg, schedule=Schedule("linear"),
+                                                  mask_id=MASK))(jax.random.key(4), start)
+  slow = _reference_decode(model, params, jax.random.key(4), start, ids, cfg, 4, window=8)
+  np.testing.assert_array_equal(np.asarray(fast.tokens), slow)
+  assert not (slow == _reference_decode(model, params, jax.random.key(4), start, ids, cfg, 4)).all()
 
 
 def test_one_program_for_any_number_of_blocks():

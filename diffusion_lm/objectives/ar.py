@@ -11,7 +11,8 @@ class Autoregressive(Objective):
   default_sampler = "ar"
 
   def model_fields(self, config) -> dict:
-    return {"causal": True}
+    # Decoding slides a window of the trained length: the model never saw longer contexts.
+    return {"causal": True, "decode_window": config.data.seq_len}
 
   def loss(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id):
     del key, schedule, mask_id

@@ -70,6 +70,10 @@ class BlockDiffusion(Objective):
   attention = "block-causal"
   default_sampler = "ancestral"
 
+  def model_fields(self, config) -> dict:
+    # Block decoding slides a window of the trained length: the model never saw longer contexts.
+    return {"decode_window": config.data.seq_len}
+
   def check(self, config) -> None:
     size, seq_len = config.model.get("block_size", 0), config.data.seq_len
     if not isinstance(size, int) or size < 1 or seq_len % size:
