@@ -2,6 +2,9 @@
 
   # trained diffusion model vs its AR baseline (also the judge of sample quality):
   python -m diffusion_lm.bench --workdir=runs/demo --ar_workdir=runs/demo_ar --out=runs/bench
+  # masked vs block diffusion vs AR, 256 generated tokens at batch 1 and 32 (block models: steps per block):
+  python -m diffusion_lm.bench --workdir=runs/demo,runs/demo_block --ar_workdir=runs/demo_ar \
+      --parts=sampling,quality --steps=16,64,256 --samplers=ancestral,confidence,threshold --seq_len=256
   # sampler timings only, 32 sequences of 256 tokens at T = 32, 64, 256:
   python -m diffusion_lm.bench --workdir=runs/demo --parts=sampling --batches=32 --seq_len=256
   # any config with fresh parameters (speed does not depend on training):
@@ -12,9 +15,11 @@ Parts:
             whole machine's peak in the config's compute dtype: the chip's published dense peak times
             the device count on TPU/GPU (aot.CHIPS), a matmul measured in this run on a CPU; each
             line names its peak's source. Also XLA's own flop count of the step, summed over devices.
-  sampling  for each sampler and step count T, at each batch size: seconds, tokens/s, latency per
-            sequence, compile seconds, denoiser calls, and loop overhead = time / (calls x one
-            forward of the same batch); the KV-cache AR decoder of the equal-size model alongside.
+  sampling  for each model (masked diffusion, block diffusion), sampler and step count T (block models:
+            steps per block; threshold: a budget), at each batch size: seconds, tokens/s, latency per
+            sequence, compile seconds, denoiser calls, tokens committed per call, and for masked
+            diffusion the loop overhead = time / (calls x one forward of the same batch); the KV-cache
+            AR decoder of the equal-size model alongside.
   quality   generative perplexity of each setting's samples under the AR judge, against tokens/s
             (needs --ar_workdir). Every sampling row also carries the samples' unigram entropy: per
             sequence, averaged over sequences (MDLM / ReMDM), and pooled over the whole batch.
@@ -196,58 +201,84 @@ def forward_seconds(model, params, param_shardings, mesh, batch: int, seq_len: i
   return best
 
 
-def sampling_rows(run, *, batches, seq_len: int, steps_list, samplers, repeats: int, block_length: int,
-                  threshold: float, ar_run=None, judge=None, log=print) -> list[dict]:
-  """Times every (sampler, T, batch) of `run` and the AR decoder of `ar_run`; scores with `judge`."""
+def model_label(run) -> str:
+  """What a row's model is: diffusion, block L'=n or ar."""
+  cfg = run.model.config
+  return "ar" if cfg.causal else f"block L'={cfg.block_size}" if cfg.block_size else "diffusion"
+
+
+def _settings(run, *, steps_list, samplers, block_samplers, block_steps):
+  """(sampler, steps) pairs to time for one model: steps are per block for block-diffusion models."""
+  size = run.model.config.block_size
+  if not size:
+    return [(name, steps) for name in samplers for steps in steps_list]
+  return [(name, steps) for name in block_samplers for steps in (block_steps or [size])]
+
+
+def sampling_rows(runs, *, batches, seq_len: int, steps_list, samplers, repeats: int, block_length: int,
+                  threshold: float, block_samplers=("ancestral", "threshold"), block_steps=(), ar_run=None,
+                  judge=None, log=print) -> list[dict]:
+  """Times every (model, sampler, T, batch) of `runs` and the AR decoder of `ar_run`; scores with `judge`.
+
+  Each row: seconds, tokens/s, latency per sequence, denoiser calls (forward passes of any width, the
+  block decoder's cache commits included), tokens committed per call (per sequence), and for masked
+  diffusion the loop overhead against one full-width forward per call.
+  """
   from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
   from diffusion_lm.generation import Generator  # pylint: disable=g-import-not-at-top
   rows = []
-  settings = [(name, steps) for name in samplers for steps in steps_list]
-  if ar_run is not None:
-    settings.append(("ar", seq_len))
-  forward_s = {}
   for batch in batches:
-    forward_s[batch] = forward_seconds(run.model, run.params, run.param_shardings, run.mesh, batch, seq_len,
-                                       run.tokenizer.mask_id)
-    log(f"one denoiser forward, batch {batch} x {seq_len}: {forward_s[batch] * 1e3:.1f} ms")
-    for name, steps in settings:
-      target = ar_run if name == "ar" else run
+    forward_s = {}
+    targets = [(run, name, steps) for run in runs
+               for name, steps in _settings(run, steps_list=steps_list, samplers=samplers,
+                                            block_samplers=block_samplers, block_steps=block_steps)]
+    if ar_run is not None:
+      targets.append((ar_run, "ar", seq_len))
+    for target, name, steps in targets:
+      label = model_label(target)
+      if label == "diffusion" and id(target) not in forward_s:
+        forward_s[id(target)] = forward_seconds(target.model, target.params, target.param_shardings, target.mesh,
+                                                batch, seq_len, target.tokenizer.mask_id)
+        log(f"one denoiser forward, batch {batch} x {seq_len}: {forward_s[id(target)] * 1e3:.1f} ms")
       cfg = sampling.SamplerConfig(name="ancestral" if name == "ar" else name, steps=steps,
                                    block_length=block_length, threshold=threshold)
-      if name != "ar":
-        try:
-          cfg.check_length(seq_len, seq_len)
-        except UserError as e:
-          log(f"skip {name} T={steps}: {e}")
-          continue
-      gen = Generator(target.model, target.schedule, target.tokenizer, target.mesh, target.param_shardings, cfg)
-      template = gen.template(seq_len, batch)
+      try:
+        gen = Generator(target.model, target.schedule, target.tokenizer, target.mesh, target.param_shardings, cfg)
+        template = gen.template(seq_len, batch)
+      except UserError as e:
+        log(f"skip {label} {name} T={steps}: {e}")
+        continue
       compile_s = gen.compile(target.params, template)
       seconds, out = _best_time(lambda: gen(target.params, template, seed=0), repeats)
       calls = int(out.num_calls)
-      row = {"part": "sampling", "sampler": name, "steps": steps, "batch": batch, "seq_len": seq_len,
+      row = {"part": "sampling", "model": label, "sampler": name, "steps": steps,
+             "steps_per_block": bool(target.model.config.block_size), "batch": batch, "seq_len": seq_len,
              "seconds": seconds, "tokens_per_sec": batch * seq_len / seconds,
-             "latency_per_sequence_s": seconds / batch,
-             "compile_s": compile_s, "denoiser_calls": calls,
-             "forward_s": forward_s[batch],
-             "overhead_vs_T_forwards": seconds / (steps * forward_s[batch]),
-             "overhead_vs_calls": seconds / (max(calls, 1) * forward_s[batch]),
-             "mean_steps_used": float(out.steps_used.mean())}
+             "latency_per_sequence_s": seconds / batch, "compile_s": compile_s, "denoiser_calls": calls,
+             "tokens_per_call": seq_len / max(calls, 1), "ms_per_call": seconds / max(calls, 1) * 1e3,
+             "mean_steps_used": float(out.steps_used.mean()), "mean_length": float(out.lengths.mean())}
+      if label == "diffusion":
+        row["forward_s"] = forward_s[id(target)]
+        row["overhead_vs_calls"] = seconds / (max(calls, 1) * forward_s[id(target)])
       if judge is not None:
         row["gen_perplexity"] = math.exp(judge(out.tokens))
       row["sample_entropy_bits"] = experiment.unigram_entropy_bits(out.tokens)
       row["pooled_entropy_bits"] = experiment.pooled_unigram_entropy_bits(out.tokens)
       rows.append(row)
       quality = f"  gen ppl {row['gen_perplexity']:8.2f}" if "gen_perplexity" in row else ""
-      log(f"{name:>10} T={steps:<4} B={batch:<3} {seconds:8.3f} s  {row['tokens_per_sec']:9.0f} tok/s  "
-          f"{row['latency_per_sequence_s'] * 1e3:8.1f} ms/seq  compile {row['compile_s']:5.1f} s  "
-          f"calls {calls:4d}  overhead {row['overhead_vs_calls']:.3f}{quality}  "
-          f"entropy {row['sample_entropy_bits']:.2f} bits (per-sequence mean)")
+      overhead = f"  overhead {row['overhead_vs_calls']:.3f}" if "overhead_vs_calls" in row else ""
+      budget = "<=" if name == "threshold" else "="
+      per = "/block" if row["steps_per_block"] else ""
+      log(f"{label:>10} {name:>10} T{budget}{steps:<4}{per:6} B={batch:<3} {seconds:8.3f} s  "
+          f"{row['tokens_per_sec']:9.0f} tok/s  {row['latency_per_sequence_s'] * 1e3:8.1f} ms/seq  "
+          f"compile {compile_s:5.1f} s  calls {calls:4d}  {row['tokens_per_call']:5.2f} tok/call  "
+          f"{row['ms_per_call']:6.2f} ms/call{overhead}{quality}  entropy {row['sample_entropy_bits']:.2f} bits "
+          f"(per-sequence mean)")
   return rows
 
 
 def plot(rows: list[dict], path: str) -> None:
-  """Quality (or latency) against tokens/s: each diffusion sampler a line over T, AR a star."""
+  """Quality (or latency) against tokens/s: each (model, sampler) a line over T, AR a star."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -256,24 +287,27 @@ def plot(rows: list[dict], path: str) -> None:
     return
   quality = all("gen_perplexity" in r for r in samples)
   metric = "gen_perplexity" if quality else "latency_per_sequence_s"
-  fig, axes = plt.subplots(1, len({r["batch"] for r in samples}), figsize=(12, 5), squeeze=False)
-  for ax, batch in zip(axes[0], sorted({r["batch"] for r in samples})):
-    for name in dict.fromkeys(r["sampler"] for r in samples):
+  batches = sorted({r["batch"] for r in samples})
+  fig, axes = plt.subplots(1, len(batches), figsize=(12, 5), squeeze=False)
+  for ax, batch in zip(axes[0], batches):
+    for model, name in dict.fromkeys((r["model"], r["sampler"]) for r in samples):
       pts = sorted((r["tokens_per_sec"], r[metric], r["steps"]) for r in samples
-                   if r["sampler"] == name and r["batch"] == batch)
+                   if r["sampler"] == name and r["model"] == model and r["batch"] == batch)
       if not pts:
         continue
-      xs, ys, ts = zip(*pts)
-      ax.plot(xs, ys, "*" if name == "ar" else "o-", label=name, markersize=12 if name == "ar" else 5)
+      xs, ys, _ = zip(*pts)
+      is_ar = model == "ar"
+      ax.plot(xs, ys, "*" if is_ar else "o-", label="AR (KV cache)" if is_ar else f"{model} {name}",
+              markersize=12 if is_ar else 5)
       for x, y, t in pts:
-        ax.annotate(f"T={t}" if name != "ar" else "AR", (x, y), fontsize=7)
+        ax.annotate("AR" if is_ar else f"T={t}", (x, y), fontsize=7)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("tokens / s")
     ax.set_ylabel("generative perplexity (AR judge)" if quality else "latency per sequence (s)")
     ax.set_title(f"batch {batch}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -297,7 +331,8 @@ def _fresh_run(config):
 
 def define_flags():
   """Defines this command's flags (only when run as a command, so the module imports cleanly)."""
-  flags.DEFINE_string("workdir", None, "Trained diffusion workdir (else --config with fresh parameters).")
+  flags.DEFINE_list("workdir", None, "Trained masked- or block-diffusion workdirs, comma-separated (else --config "
+                    "with fresh parameters).")
   flags.DEFINE_string("ar_workdir", None, "Trained AR baseline: timed as the decoder and used as the judge.")
   config_flags.DEFINE_config_file("config", None, "Config whose model to benchmark with fresh parameters.")
   flags.DEFINE_list("parts", ["train", "sampling", "quality"], "Parts to run, comma-separated; choices: train, "
@@ -311,6 +346,9 @@ def define_flags():
   flags.DEFINE_integer("train_steps", 5, "Timed train steps (after one compile step).")
   flags.DEFINE_integer("block_length", 32, "blocks sampler: tokens per block.")
   flags.DEFINE_float("threshold", 0.9, "threshold sampler: confidence threshold.")
+  flags.DEFINE_list("block_samplers", ["ancestral", "threshold"], "Samplers run inside each block of a "
+                    "block-diffusion model.")
+  flags.DEFINE_list("block_steps", [], "Steps per block for block-diffusion models (default: the block size).")
   flags.DEFINE_string("out", "", "Folder for bench.json and bench.png (default: no files).")
   flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
 
@@ -324,54 +362,62 @@ def main(argv):
   try:
     steps_list = [int(s) for s in FLAGS.steps]
     batches = [int(b) for b in FLAGS.batches]
+    block_steps = [int(s) for s in FLAGS.block_steps]
   except ValueError:
-    raise UserError(f"--steps={','.join(FLAGS.steps)} --batches={','.join(FLAGS.batches)}; allowed: "
-                    "comma-separated integers") from None
-  for name in FLAGS.samplers:
+    raise UserError(f"--steps={','.join(FLAGS.steps)} --batches={','.join(FLAGS.batches)} --block_steps="
+                    f"{','.join(FLAGS.block_steps)}; allowed: comma-separated integers") from None
+  for name in FLAGS.samplers + FLAGS.block_samplers:
     if name not in sampling.SAMPLERS:
-      raise UserError(f"--samplers includes {name!r}; allowed: {', '.join(sampling.SAMPLERS)}")
+      raise UserError(f"--samplers/--block_samplers include {name!r}; allowed: {', '.join(sampling.SAMPLERS)}")
   for part in FLAGS.parts:
     if part not in ("train", "sampling", "quality"):
       raise UserError(f"--parts includes {part!r}; allowed: train, sampling, quality")
   if FLAGS.workdir:
-    run, source = experiment.load_trained(FLAGS.workdir), FLAGS.workdir
+    runs, source = [experiment.load_trained(w) for w in FLAGS.workdir], ", ".join(FLAGS.workdir)
   elif FLAGS.config is not None:
-    run, source = _fresh_run(FLAGS.config), "fresh parameters"
+    runs, source = [_fresh_run(FLAGS.config)], "fresh parameters"
   else:
-    raise UserError("give --workdir=DIR (a trained run) or --config=FILE (fresh parameters)")
-  if run.model.config.causal:
-    raise UserError("--workdir holds an AR model; give the diffusion model as --workdir and the AR one as "
-                    "--ar_workdir")
+    raise UserError("give --workdir=DIR[,DIR...] (trained runs) or --config=FILE (fresh parameters)")
+  for run, where in zip(runs, FLAGS.workdir or ["--config"]):
+    if run.model.config.causal:
+      raise UserError(f"{where} holds an AR model; give diffusion models as --workdir and the AR one as "
+                      "--ar_workdir")
+    if run.tokenizer.fingerprint() != runs[0].tokenizer.fingerprint():
+      raise UserError(f"{where} has another vocabulary than {FLAGS.workdir[0]}; allowed: models trained with the "
+                      "same tokenizer")
+    if FLAGS.seq_len > run.model.config.max_len and not run.model.config.block_size:
+      raise UserError(f"--seq_len={FLAGS.seq_len}; allowed: at most the model's max_len={run.model.config.max_len}"
+                      f" ({where})")
   ar_run = experiment.load_trained(FLAGS.ar_workdir) if FLAGS.ar_workdir else None
   judge = None
   if "quality" in FLAGS.parts and ar_run is not None:
-    if ar_run.tokenizer.fingerprint() != run.tokenizer.fingerprint():
+    if ar_run.tokenizer.fingerprint() != runs[0].tokenizer.fingerprint():
       raise UserError(f"--ar_workdir {FLAGS.ar_workdir!r} has another vocabulary than --workdir; allowed: "
                       "an AR baseline trained with the same tokenizer")
     judge = experiment.ar_scorer(ar_run)
-  if FLAGS.seq_len > run.model.config.max_len:
-    raise UserError(f"--seq_len={FLAGS.seq_len}; allowed: at most the model's max_len={run.model.config.max_len}")
   log = lambda m: print(m, flush=True)
   log(f"# benchmark: {source}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
-      f"{experiment.param_count(run.params):,} parameters, vocab {run.tokenizer.vocab_size}")
+      f"{', '.join(f'{model_label(r)} {experiment.param_count(r.params):,}' for r in runs)} parameters, "
+      f"vocab {runs[0].tokenizer.vocab_size}")
   rows = [{"part": "machine", "devices": jax.device_count(), "platform": jax.devices()[0].platform,
            "device_kind": jax.devices()[0].device_kind}]
   if "train" in FLAGS.parts:
-    measured = {}  # one measurement per (dtype, device), shared by both models
+    measured = {}  # one measurement per (dtype, device), shared by all models
 
     def measure(dtype, device):
       if (dtype, device.id) not in measured:
         measured[dtype, device.id] = matmul_peak_flops(dtype, device)
       return measured[dtype, device.id]
 
-    for target in [run] + ([ar_run] if ar_run is not None else []):
+    for target in runs + ([ar_run] if ar_run is not None else []):
       peak = select_peak(target.model.config.dtype, target.mesh.devices.flatten().tolist(), measure)
       rows.append(train_row(target.model, target.config, target.tokenizer, target.mesh, peak, FLAGS.train_steps,
                             log))
   if "sampling" in FLAGS.parts or "quality" in FLAGS.parts:
-    rows += sampling_rows(run, batches=batches, seq_len=FLAGS.seq_len, steps_list=steps_list,
+    rows += sampling_rows(runs, batches=batches, seq_len=FLAGS.seq_len, steps_list=steps_list,
                           samplers=FLAGS.samplers, repeats=FLAGS.repeats, block_length=FLAGS.block_length,
-                          threshold=FLAGS.threshold, ar_run=ar_run, judge=judge, log=log)
+                          threshold=FLAGS.threshold, block_samplers=FLAGS.block_samplers, block_steps=block_steps,
+                          ar_run=ar_run, judge=judge, log=log)
   rows.append({"part": "memory", "peak_rss_gib": peak_rss_gib()})
   log(f"peak host memory (RSS): {peak_rss_gib():.2f} GiB")
   if FLAGS.out:

@@ -121,7 +121,7 @@ def test_bench_cli_rows_peak_and_sampling_fields(tmp_path):
       ("ancestral", 4), ("ancestral", 8), ("confidence", 4), ("confidence", 8), ("threshold", 4), ("threshold", 8)]
   for r in rows:
     for key in ("seconds", "tokens_per_sec", "latency_per_sequence_s", "compile_s", "denoiser_calls",
-                "forward_s", "overhead_vs_T_forwards", "overhead_vs_calls"):
+                "forward_s", "overhead_vs_calls", "tokens_per_call", "ms_per_call"):
       assert r[key] >= 0, (key, r)
     assert abs(r["tokens_per_sec"] * r["seconds"] - 4 * 32) < 1e-6 * r["tokens_per_sec"]
     # One sequence of 32 tokens holds at most 32 distinct ones; pooling can only add entropy (concavity).
@@ -129,3 +129,21 @@ def test_bench_cli_rows_peak_and_sampling_fields(tmp_path):
   confidence = [r for r in rows if r["sampler"] == "confidence"]
   assert [r["denoiser_calls"] for r in confidence] == [4, 8]
   assert "one denoiser forward" in out.stdout
+
+
+def test_bench_times_block_diffusion_per_block_past_the_trained_length(tmp_path):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  out = subprocess.run(
+      [sys.executable, "-m", "diffusion_lm.bench", "--config=configs/tiny.py", "--config.objective=block",
+       "--config.model.block_size=4", "--seq_len=48", "--block_samplers=ancestral,threshold", "--batches=2",
+       "--parts=sampling", f"--out={tmp_path}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  rows = [r for r in json.load(open(tmp_path / "bench.json")) if r["part"] == "sampling"]
+  assert [(r["model"], r["sampler"], r["steps"]) for r in rows] == [("block L'=4", "ancestral", 4),
+                                                                     ("block L'=4", "threshold", 4)]
+  for r in rows:
+    # 12 blocks of 4 (48 tokens, past the tiny model's 32): at most 4 steps and one cache commit per block.
+    assert 12 * 2 <= r["denoiser_calls"] <= 12 * 5, r
+    assert abs(r["tokens_per_call"] - 48 / r["denoiser_calls"]) < 1e-9 and r["steps_per_block"]
+  assert "T<=4   /block" in out.stdout
