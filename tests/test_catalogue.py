@@ -39,7 +39,7 @@ CASES = [
      "training.batch_size=0; allowed: an integer >= 1"),
     ("unknown-schedule", "train", TINY + ["--config.diffusion.name=sqrt"],
      "unknown schedule 'sqrt'; allowed: linear, cosine, polynomial, geometric, mlm"),
-    ("unknown-objective", "train", TINY + ["--config.objective=gan"], "objective='gan'; allowed: diffusion, ar"),
+    ("unknown-objective", "train", TINY + ["--config.objective=gan"], "objective='gan'; allowed: diffusion, ar, block"),
     ("missing-corpus", "train", TINY + ["--config.data.source=local", "--config.data.path={tmp}/nope"],
      "does not exist"),
     ("empty-corpus", "train", TINY + ["--config.data.source=local", "--config.data.path={corpus:empty}"],
