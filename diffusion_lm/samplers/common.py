@@ -130,6 +130,7 @@ class Run:
   mask_id: int
   record_steps: int  # trajectory frames to keep (0 = none)
   time_independent: bool
+  first_logits: jax.Array | None = None  # the logits of step 0 when already computed (block decoding)
 
   @property
   def batch_size(self) -> int:
@@ -138,6 +139,13 @@ class Run:
   @property
   def length(self) -> int:
     return self.given_BxL.shape[1]
+
+  def denoise(self, x_BxL, t_B, i):
+    """float32 logits of step i: the denoiser's, or `first_logits` at step 0 when given (no forward pass)."""
+    if self.first_logits is None:
+      return self.denoiser(x_BxL, t_B).astype(jnp.float32)
+    return jax.lax.cond(i == 0, lambda: self.first_logits.astype(jnp.float32),
+                        lambda: self.denoiser(x_BxL, t_B).astype(jnp.float32))
 
   def step_keys(self, i):
     """[B, 4] keys of step i: the token draw, the reveal draw, the remask draw, the random confidence."""

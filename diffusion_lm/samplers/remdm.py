@@ -74,8 +74,8 @@ def sample(run: Run, tokens_BxL) -> SampleOutput:
     t, alpha_t, alpha_s, sigma, sigma_max = step_rates(run, i)
     recompute = changed if use_cache else jnp.array(True)
     # A step that changed nothing left the input as it was: a time-independent denoiser's logits too.
-    logits = jax.lax.cond(recompute, lambda: run.denoiser(x, jnp.full((batch_size,), t, jnp.float32)).astype(
-        jnp.float32), lambda: logits)
+    logits = jax.lax.cond(recompute, lambda: run.denoise(x, jnp.full((batch_size,), t, jnp.float32), i),
+                          lambda: logits)
     keys = run.step_keys(i)
     proposal, probs = draw_tokens(keys[:, 0], logits, cfg)
     masked = x == mask_id

@@ -26,7 +26,7 @@ def sample(run: Run, tokens_BxL) -> SampleOutput:
 
   def body(carry):
     x, traj, used, i = carry
-    logits = run.denoiser(x, run.masked_time(x)).astype(jnp.float32)
+    logits = run.denoise(x, run.masked_time(x), i)
     keys = run.step_keys(i)
     proposal, probs = draw_tokens(keys[:, 0], logits, cfg)
     masked = x == run.mask_id
