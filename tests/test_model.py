@@ -120,6 +120,9 @@ def _dot_flops(jaxpr) -> float:
       (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
       rhs_free = [n for i, n in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
       total += 2.0 * np.prod(lhs) * np.prod(rhs_free)
+    if "branches" in eqn.params:  # a cond (e.g. one branch per platform): one branch runs
+      total += max(_dot_flops(branch.jaxpr) for branch in eqn.params["branches"])
+      continue
     for value in eqn.params.values():
       for sub in value if isinstance(value, (list, tuple)) else [value]:
         inner = getattr(sub, "jaxpr", sub)
@@ -138,11 +141,106 @@ def test_flops_per_token_by_hand():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_flops_per_token_counts_the_network_matmuls_less_the_padding(causal):
-  cfg = ModelConfig(**{**CFG.__dict__, "causal": causal})
+@pytest.mark.parametrize("tensor", [1, 2])
+@pytest.mark.parametrize("impl", ["auto", "einsum", "xla"])
+def test_flops_per_token_counts_the_network_matmuls_less_the_padding(causal, tensor, impl):
+  from diffusion_lm import sharding  # pylint: disable=g-import-not-at-top
+  cfg = ModelConfig(**{**CFG.__dict__, "causal": causal, "attention_impl": impl})
   model, params, tokens = _init(cfg)
-  jaxpr = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(params, tokens).jaxpr
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": tensor})
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    jaxpr = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(params, tokens).jaxpr
   per_token = _dot_flops(jaxpr) / tokens.size
-  # The network multiplies by all padded_vocab head columns; only vocab_size of them are model FLOPs.
-  padding = 2 * cfg.d_model * (cfg.padded_vocab - cfg.vocab_size)
+  # With the vocabulary unsharded only its vocab_size head columns are multiplied; sharded over the
+  # tensor axis, all padded_vocab of them (the padding divides the axis), of which vocab_size are model FLOPs.
+  padding = 2 * cfg.d_model * (cfg.padded_vocab - cfg.vocab_size) if tensor > 1 else 0
   assert per_token - padding == cfg.flops_per_token(tokens.shape[1], training=False)
+
+
+def _reference_attention(q, k, v, mask):
+  """Softmax attention in float64 numpy from its definition; a row with no visible key averages all values."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  scores = np.einsum("bqhd,bshd->bhqs", q, k)
+  visible = np.broadcast_to(mask, scores.shape)
+  none_visible = ~visible.any(-1, keepdims=True)
+  scores = np.where(none_visible, 0.0, np.where(visible, scores, -np.inf))
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum("bhqs,bshd->bqhd", weights, v)
+
+
+def test_dot_attention_matches_softmax_attention_from_its_definition():
+  from diffusion_lm.model import dot_attention  # pylint: disable=g-import-not-at-top
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v = (jax.random.normal(kk, (2, 5 if i == 0 else 7, 3, 4)) for i, kk in enumerate(keys[:3]))
+  mask = np.array(jax.random.bernoulli(keys[3], 0.6, (5, 7)))
+  mask[2] = False  # a query that may see nothing
+  np.testing.assert_allclose(np.asarray(dot_attention(q, k, v, mask)), _reference_attention(q, k, v, mask),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(dot_attention(q, k, v)), _reference_attention(q, k, v, np.ones((5, 7), bool)),
+                             rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bidirectional", "causal", "mask"])
+def test_attention_implementations_agree(kind):
+  cfg = ModelConfig(**{**CFG.__dict__, "causal": kind == "causal"})
+  model, params, tokens = _init(cfg)
+  kwargs = {}
+  if kind == "mask":  # block-diffusion style: explicit positions and pattern
+    kwargs = dict(positions_L=jnp.arange(16) // 2, mask_QxK=jnp.asarray(np.random.default_rng(0).random((16, 16)) < 0.5))
+  out = {impl: np.asarray(Transformer(ModelConfig(**{**cfg.__dict__, "attention_impl": impl})).apply(
+      {"params": params}, tokens, **kwargs)) for impl in ("auto", "einsum", "xla")}
+  np.testing.assert_allclose(out["auto"], out["xla"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(out["auto"], out["einsum"])
+
+
+def test_parameter_tree_is_the_checkpointed_layout():
+  # Trained workdirs must keep loading: every name and shape as checkpoints store them.
+  cfg = ModelConfig(**{**CFG.__dict__, "time_conditioning": True})
+  model, params, _ = _init(cfg)
+  d, h, k, m = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+  block = {"attn_norm": {"scale": (d,)}, "query": (d, h, k), "key": (d, h, k), "value": (d, h, k), "out": (h, k, d),
+           "mlp_norm": {"scale": (d,)}, "wi_gate": {"kernel": (d, m)}, "wi_up": {"kernel": (d, m)},
+           "wo": {"kernel": (m, d)}, "ada_ln": {"kernel": (d, 6 * d), "bias": (6 * d,)}}
+  expected = {"embed": {"embedding": (128, d)}, "final_norm": {"scale": (d,)}, "head": {"kernel": (d, 128)},
+              "time_mlp_in": {"kernel": (d, d), "bias": (d,)}, "time_mlp_out": {"kernel": (d, d), "bias": (d,)},
+              **{f"block_{i}": block for i in range(cfg.num_layers)}}
+  assert jax.tree.map(lambda x: tuple(x.shape), params) == expected
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_and_separate_projections_and_both_heads_agree(monkeypatch, causal):
+  from diffusion_lm import model as model_lib  # pylint: disable=g-import-not-at-top
+  model, params, tokens = _init(ModelConfig(**{**CFG.__dict__, "causal": causal}))
+  out = {}
+  for fuse in (False, True):
+    for sliced in (False, True):
+      monkeypatch.setattr(model_lib, "_fuse_kernels", lambda tokens, d_model, fuse=fuse: fuse)
+      monkeypatch.setattr(model_lib, "_vocab_unsharded", lambda sliced=sliced: sliced)
+      out[fuse, sliced] = np.asarray(model.apply({"params": params}, tokens))
+  for value in out.values():
+    assert value.shape == (2, 16, CFG.vocab_size)
+    np.testing.assert_allclose(value, out[False, False], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_dot_attention_gradients_match_autodiff_of_the_definition(masked):
+  from diffusion_lm.model import dot_attention  # pylint: disable=g-import-not-at-top
+  keys = jax.random.split(jax.random.key(1), 5)
+  q, k, v = (jax.random.normal(kk, (2, 5 if i == 0 else 7, 3, 4)) for i, kk in enumerate(keys[:3]))
+  mask = None
+  if masked:
+    mask = np.array(jax.random.bernoulli(keys[3], 0.6, (5, 7)))
+    mask[2] = False
+  probe = jax.random.normal(keys[4], (2, 5, 3, 4))
+
+  def definition(q, k, v):  # jax.nn.softmax over where-masked scores, differentiated by JAX
+    scores = jnp.einsum("bqhd,bshd->bhqs", q, k)
+    if mask is not None:
+      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("bhqs,bshd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+  expected = jax.grad(lambda *a: jnp.sum(definition(*a) * probe), argnums=(0, 1, 2))(q, k, v)
+  got = jax.grad(lambda *a: jnp.sum(dot_attention(*a, mask) * probe), argnums=(0, 1, 2))(q, k, v)
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-5)

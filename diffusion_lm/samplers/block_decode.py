@@ -1,9 +1,12 @@
 """Block-diffusion decoding with an exact KV cache (BD3-LM): blocks left to right, any strategy inside.
 
-Finished blocks never change, so their keys and values are computed once (a "commit" forward of the
-clean block) and every denoising step runs the network on the current block only, attending to the
-cache. Inside a block any strategy runs unchanged (ancestral, remdm, confidence, threshold) with
-`steps` steps per block, on a denoiser that is the network over that block.
+Finished blocks never change, so their keys and values are computed once and every denoising step
+runs the network on the current block only, attending to the cache. The clean block's keys and values
+are computed in the first step of the next block: that forward runs over [finished block | next block]
+(2 x block positions, block-causal: the finished block sees only itself and the cache), keeps the
+finished block in the cache and gives the next block's first logits, so committing costs no forward
+pass of its own. Inside a block any strategy runs unchanged (ancestral, remdm, confidence, threshold)
+with `steps` steps per block, on a denoiser that is the network over that block.
 
 The loop over blocks is one `lax.while_loop` (one compile for any number of blocks); it stops when
 every row has produced an end-of-document token or the sequence is full. Rows that finished early
@@ -57,13 +60,23 @@ def sample(model, params, key, tokens_BxL, example_ids_B, cfg: SamplerConfig, *,
     b, x, cache, traj, used, calls, done_B = carry
     start = b * block
     chunk = jax.lax.dynamic_slice_in_dim(x, start, block, axis=1)
+    finished = jax.lax.dynamic_slice_in_dim(x, jnp.maximum(start - block, 0), block, axis=1)
+
+    def commit_and_start():  # commits the finished block b - 1; the first logits of block b
+      logits, updated = model.apply({"params": params, "cache": cache}, jnp.concatenate([finished, chunk], axis=1),
+                                    None, decode=True, commit=block, mutable=["cache"])
+      return logits[:, block:].astype(jnp.float32), updated["cache"]
+
+    def start_only():  # block 0: nothing to commit yet
+      logits = model.apply({"params": params, "cache": cache}, chunk, None, decode=True, commit=False)
+      return logits.astype(jnp.float32), cache
+
+    first_logits, cache = jax.lax.cond(b > 0, commit_and_start, start_only)
     denoiser = lambda xc, t: model.apply({"params": params, "cache": cache}, xc, None, decode=True, commit=False)
     run = Run(denoiser=denoiser, keys_B=jax.vmap(lambda k: jax.random.fold_in(k, b))(keys_B),
               given_BxL=chunk != mask_id, cfg=cfg, schedule=schedule.bound_schedule, mask_id=mask_id,
-              record_steps=frames, time_independent=True)
+              record_steps=frames, time_independent=True, first_logits=first_logits)
     out = _INNER[cfg.name].sample(run, chunk)
-    _, updated = model.apply({"params": params, "cache": cache}, out.tokens, None, decode=True, commit=True,
-                             mutable=["cache"])
     if frames:
       before = jnp.broadcast_to(x[None], (frames, batch_size, length))
       traj = jax.lax.dynamic_update_slice(traj, jax.lax.dynamic_update_slice(before, out.trajectory, (0, 0, start)),
@@ -72,7 +85,7 @@ def sample(model, params, key, tokens_BxL, example_ids_B, cfg: SamplerConfig, *,
     if eos_id is not None:
       generated = jax.lax.dynamic_slice_in_dim(~given_BxL, start, block, axis=1)
       done_B = done_B | jnp.any(generated & (out.tokens == eos_id), axis=-1)
-    return b + 1, x, updated["cache"], traj, used + out.steps_used, calls + out.num_calls + 1, done_B
+    return b + 1, x, cache, traj, used + out.steps_used, calls + out.num_calls, done_B
 
   init = (jnp.int32(0), tokens_BxL, variables["cache"], traj0, jnp.zeros((batch_size,), jnp.int32), jnp.int32(0),
           jnp.zeros((batch_size,), bool))
