@@ -199,7 +199,8 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
       "mesh": dict(mesh.shape), "batch": batch, "seq_len": seq_len,
       "params": int(sum(x.size for x in jax.tree.leaves(abstract_state.params))),
       "train_memory_gib_per_chip": _memory_bytes(train) / 2**30, "hbm_gib": chip.hbm_bytes / 2**30,
-      "xla_flops_per_chip_step": float(cost.get("flops", 0.0)), "xla_estimated_step_s": seconds,
+      "xla_flops_per_chip_step": float(cost.get("flops", 0.0)),
+      "xla_bytes_per_chip_step": float(cost.get("bytes accessed", 0.0)), "xla_estimated_step_s": seconds,
       "estimate": method,
       "tokens_per_s_per_chip": tokens_per_chip,
       "peak_flops_per_chip": peak, "peak_source": peak_source,
@@ -209,18 +210,22 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
     forward_s, _ = estimated_seconds(_cost(forward), chip)
     result.update({"sampler": cfg.name, "sampler_steps": cfg.steps, "sample_batch": sample_batch,
                    "sampler_memory_gib_per_chip": _memory_bytes(sampler) / 2**30,
-                   "forward_estimated_s": forward_s, "sampler_estimated_s": cfg.steps * forward_s})
+                   "forward_estimated_s": forward_s, "sampler_estimated_s": cfg.steps * forward_s,
+                   "forward_xla_flops": float(_cost(forward).get("flops", 0.0)),
+                   "forward_xla_bytes": float(_cost(forward).get("bytes accessed", 0.0))})
   result["fits"] = result["train_memory_gib_per_chip"] <= result["hbm_gib"] and \
       result.get("sampler_memory_gib_per_chip", 0.0) <= result["hbm_gib"]
   log(f"{topology} ({chips} chips, mesh {result['mesh']}): {result['params'] / 1e6:.1f}M params, batch {batch} x {seq_len}")
   log(f"  train step: {result['train_memory_gib_per_chip']:.2f} GiB per chip of {result['hbm_gib']:.0f} GiB HBM; "
-      f"XLA: {result['xla_flops_per_chip_step'] / 1e12:.2f} TFLOP per chip, est. ({method}) {seconds * 1e3:.1f} ms/step "
+      f"XLA: {result['xla_flops_per_chip_step'] / 1e12:.3f} TFLOP and "
+      f"{result['xla_bytes_per_chip_step'] / 1e9:.2f} GB accessed per chip, est. ({method}) {seconds * 1e3:.1f} ms/step "
       f"-> {tokens_per_chip:,.0f} tokens/s per chip, MFU ~{result['mfu_estimate']:.0%} of {peak / 1e12:.1f} TFLOP/s "
       f"per chip ({peak_source})")
   if sampler is not None:
     log(f"  sampler ({cfg.name}, T={cfg.steps}, batch {sample_batch}): "
         f"{result['sampler_memory_gib_per_chip']:.2f} GiB per chip, est. {result['sampler_estimated_s']:.3f} s "
-        f"({cfg.steps} forwards of {result['forward_estimated_s'] * 1e3:.2f} ms)")
+        f"({cfg.steps} forwards of {result['forward_estimated_s'] * 1e3:.2f} ms: {result['forward_xla_flops'] / 1e12:.3f} "
+        f"TFLOP, {result['forward_xla_bytes'] / 1e9:.2f} GB)")
   log(f"  fits: {'yes' if result['fits'] else 'NO'}")
   return result
 

@@ -9,6 +9,8 @@
   python -m diffusion_lm.bench --workdir=runs/demo --parts=sampling --batches=32 --seq_len=256
   # any config with fresh parameters (speed does not depend on training):
   python -m diffusion_lm.bench --config=configs/demo.py --parts=train,sampling
+  # before/after a change, as ratios measured in one process (this tree against a git revision):
+  python -m diffusion_lm.bench --config=configs/md4_char.py --parts=train --batches=32 --compare_ref=HEAD~1
 
 Parts:
   train     tokens/s of the train step and model-FLOPs utilisation (MFU) of the whole step against the
@@ -23,6 +25,9 @@ Parts:
   quality   generative perplexity of each setting's samples under the AR judge, against tokens/s
             (needs --ar_workdir). Every sampling row also carries the samples' unigram entropy: per
             sequence, averaged over sequences (MDLM / ReMDM), and pooled over the whole batch.
+With --compare_ref=REV, also the train step, one forward and the ancestral step of the same config
+under the package at git revision REV and under this tree, interleaved in this process, with ratios,
+compiled train-step memory and both first-step losses (diffusion_lm/compare.py).
 Writes OUT/bench.json and OUT/bench.png (quality or latency against speed).
 """
 
@@ -329,6 +334,14 @@ def _fresh_run(config):
                             state.params, shardings.params, 0)
 
 
+def compare_to_revision(run, sample_batch: int, log=print) -> list[dict]:
+  """--compare_ref: the config of `run` (fresh parameters) under both revisions, side by side."""
+  from diffusion_lm import compare  # pylint: disable=g-import-not-at-top
+  return compare.compare_rows(FLAGS.compare_ref, run.config, run.tokenizer.vocab_size, run.tokenizer.eos_id,
+                              sample_batch=sample_batch, seq_len=FLAGS.seq_len, sampler_steps=FLAGS.compare_steps,
+                              train_steps=FLAGS.train_steps, repeats=FLAGS.compare_repeats, log=log)
+
+
 def define_flags():
   """Defines this command's flags (only when run as a command, so the module imports cleanly)."""
   flags.DEFINE_list("workdir", None, "Trained masked- or block-diffusion workdirs, comma-separated (else --config "
@@ -350,6 +363,10 @@ def define_flags():
                     "block-diffusion model.")
   flags.DEFINE_list("block_steps", [], "Steps per block for block-diffusion models (default: the block size).")
   flags.DEFINE_string("out", "", "Folder for bench.json and bench.png (default: no files).")
+  flags.DEFINE_string("compare_ref", "", "Also time this tree against the package at this git revision (e.g. HEAD~1), "
+                      "interleaved in this process: train step, forward, ancestral step (see diffusion_lm/compare.py).")
+  flags.DEFINE_integer("compare_steps", 16, "--compare_ref: sampler steps per timed run (the figure is per step).")
+  flags.DEFINE_integer("compare_repeats", 3, "--compare_ref: interleaved runs per side; the minimum is kept.")
   flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
 
 
@@ -420,6 +437,8 @@ def main(argv):
                           ar_run=ar_run, judge=judge, log=log)
   rows.append({"part": "memory", "peak_rss_gib": peak_rss_gib()})
   log(f"peak host memory (RSS): {peak_rss_gib():.2f} GiB")
+  if FLAGS.compare_ref:  # after the memory figure, which it would otherwise include
+    rows += compare_to_revision(runs[0], batches[0], log)
   if FLAGS.out:
     os.makedirs(FLAGS.out, exist_ok=True)
     with open(os.path.join(FLAGS.out, "bench.json"), "w", encoding="utf-8") as f:

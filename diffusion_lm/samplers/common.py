@@ -65,13 +65,33 @@ def draw_tokens(key_B, logits_BxLxK, cfg: SamplerConfig):
   else:
     # Inverse-CDF draw: one uniform per position instead of one Gumbel per (position, token), which
     # on a 1024-token vocabulary is most of a sampling step's cost beyond the forward pass.
-    def one(k, p_LxK):
-      u = jax.random.uniform(k, p_LxK.shape[:-1] + (1,))
-      cdf = jnp.cumsum(p_LxK, axis=-1)
-      # The first token whose cdf exceeds u * total: a zero-probability token is never chosen.
-      return jnp.minimum(jnp.sum(cdf <= u * cdf[..., -1:], axis=-1), p_LxK.shape[-1] - 1)
-    tokens = jax.vmap(one)(key_B, probs)
+    u_BxL = jax.vmap(lambda k: jax.random.uniform(k, probs.shape[1:-1] + (1,)))(key_B)[..., 0]
+    tokens = inverse_cdf(u_BxL, probs)
   return tokens.astype(jnp.int32), probs
+
+
+def inverse_cdf(u_BxL, probs_BxLxK):
+  """int32[B, L]: the first token whose cumulative probability exceeds u * (total probability).
+
+  Two levels, O(K) per position: block sums over blocks of about sqrt(K) tokens find the block, then
+  the running sum inside that block finds the token (a full-vocabulary running sum is a window
+  reduction on XLA:CPU, most of a draw's cost). A zero-probability token is never chosen.
+  """
+  batch, length, vocab = probs_BxLxK.shape
+  blocks = math.isqrt(vocab - 1) + 1
+  size = -(-vocab // blocks)
+  p = jnp.pad(probs_BxLxK, ((0, 0), (0, 0), (0, blocks * size - vocab))).reshape(batch, length, blocks, size)
+  block_cdf = jnp.cumsum(jnp.sum(p, axis=-1), axis=-1)
+  target = u_BxL * block_cdf[..., -1]
+  block = jnp.minimum(jnp.sum(block_cdf <= target[..., None], axis=-1), blocks - 1)
+  before = jnp.where(block > 0, jnp.take_along_axis(block_cdf, jnp.maximum(block - 1, 0)[..., None], -1)[..., 0], 0.0)
+  inside = jnp.take_along_axis(p, block[..., None, None], axis=2)[..., 0, :]
+  offset = jnp.sum(before[..., None] + jnp.cumsum(inside, axis=-1) <= target[..., None], axis=-1)
+  # Float rounding can leave the block's running sum at or below the target: take its last token of
+  # positive probability, never a zero-probability one past it.
+  last_positive = size - 1 - jnp.argmax(inside[..., ::-1] > 0, axis=-1)
+  offset = jnp.where(offset >= size, last_positive, offset)
+  return jnp.minimum(block * size + offset, vocab - 1).astype(jnp.int32)
 
 
 def confidence_scores(key_B, probs_BxLxK, tokens_BxL, kind: str):
