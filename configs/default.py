@@ -27,10 +27,14 @@ def get_config(arg=None):
   data.cache_dir = ""  # prepared data and token caches; default WORKDIR/data
 
   config.tokenizer = tok = ml_collections.ConfigDict()
-  tok.kind = "sentencepiece"  # char | sentencepiece (trained on the train split on first use)
+  # char | sentencepiece (both trained on the train split on first use) | hf (a Hugging Face tokenizer.json
+  # read from tokenizer.hf_path, e.g. bert-base-uncased's or gpt2's; copied into the workdir)
+  tok.kind = "sentencepiece"
   tok.vocab_size = 2048  # sentencepiece only: pieces in the vocabulary ([MASK] comes on top)
   tok.model_type = "unigram"  # sentencepiece only: unigram | bpe
   tok.max_sentences = 300_000  # sentencepiece only: lines sampled for training it
+  tok.hf_path = ""  # hf only: path of the tokenizer.json (needed on the first run; later runs use the workdir's copy)
+  tok.hf_eos_token = ""  # hf only: end-of-document token; "" picks <|endoftext|>, [SEP], </s>, ... whichever exists
 
   config.model = model = ml_collections.ConfigDict()
   model.num_layers = 6  # Transformer blocks
@@ -94,6 +98,7 @@ def get_config(arg=None):
   smp.cache = True  # ancestral/remdm: reuse logits after a step that changed nothing (time-independent models)
   smp.confidence = "max_prob"  # confidence/blocks/threshold/remdm-conf: max_prob | margin | entropy | random
   smp.commit_schedule = "linear"  # confidence/blocks: tokens committed per step, linear | cosine
+  smp.approx_cache = "none"  # blocks on a masked-diffusion model: none | prefix | dual (Fast-dLLM, approximate)
   smp.block_length = 32  # blocks: tokens per semi-autoregressive block
   smp.threshold = 0.9  # threshold: commit every prediction at least this confident
   smp.remask_schedule = "cap"  # remdm (Wang et al. 2025): cap | rescale | conf | loop

@@ -166,8 +166,9 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, cond_BxD, decode: bool = False, commit: bool = True, positions_L=None,
-               mask_QxK=None, rope=None):
-    """rope: the (cos_LxD, sin_LxD) tables of the positions (Transformer computes them once for all blocks)."""
+               mask_QxK=None, rope=None, approx_cache: str = ""):
+    """rope: the (cos_LxD, sin_LxD) tables of the positions (Transformer computes them once for all blocks).
+    approx_cache: "" | "store" | "reuse" (see Transformer)."""
     cfg = self.config
     dtype = DTYPES[cfg.dtype]
     if cond_BxD is not None:
@@ -187,6 +188,8 @@ class Block(nn.Module):
     fuse = _fuse_kernels(x_BxLxD.shape[0] * x_BxLxD.shape[1], cfg.d_model)
     if decode:
       attn = self._cached_attention(_project_qkv(h, w_qkv, fuse), commit)
+    elif approx_cache:
+      attn = self._approx_cached_attention(_project_qkv(h, w_qkv, fuse), rope, positions_L, approx_cache)
     else:
       if positions_L is None:
         positions_L = jnp.arange(x_BxLxD.shape[1])
@@ -227,6 +230,27 @@ class Block(nn.Module):
       mask = None if mask_QxS is None else mask_QxS[None, None]
       return jax.nn.dot_product_attention(q_BxQxHxD, k_BxSxHxD, v_BxSxHxD, mask=mask, scale=1.0, implementation=impl)
     return dot_attention(q_BxQxHxD, k_BxSxHxD, v_BxSxHxD, mask_QxS)
+
+  def _approx_cached_attention(self, qkv_BxCx3xHxD, rope, positions_C, mode: str):
+    """Bidirectional attention with every position's keys/values kept ("approx_cache" collection).
+
+    store: the chunk is the whole sequence; its keys/values are kept and attention is the plain one.
+    reuse: the chunk is positions_C (consecutive, from positions_C[0]); its fresh keys/values replace
+    the kept ones there and every query attends to all positions, the others' keys/values as kept.
+    Exact when nothing outside the chunk changed since `store` (the outside positions' hidden states
+    depend on the chunk's tokens, which is what makes the cache approximate while they change).
+    """
+    cfg = self.config
+    q, k = _rotate_queries_and_keys(qkv_BxCx3xHxD, rope, cfg.head_dim)
+    v = qkv_BxCx3xHxD[:, :, 2]
+    if mode == "store":
+      self.put_variable("approx_cache", "key", k)
+      self.put_variable("approx_cache", "value", v)
+      return self._attend(q, k, v, None)
+    start = positions_C[0]
+    keys = jax.lax.dynamic_update_slice_in_dim(self.get_variable("approx_cache", "key"), k, start, axis=1)
+    values = jax.lax.dynamic_update_slice_in_dim(self.get_variable("approx_cache", "value"), v, start, axis=1)
+    return self._attend(q, keys, values, None)
 
   def _cached_attention(self, qkv_BxLx3xHxD, commit):
     """Attention over a key/value cache ("cache" collection) plus the chunk of positions passed now.
@@ -354,15 +378,24 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, t_B=None, decode: bool = False, *, commit: bool = True, positions_L=None,
-               mask_QxK=None):
+               mask_QxK=None, approx_cache: str = ""):
     """Logits for every position.
 
     decode=True (causal and block-diffusion models): the tokens are the next chunk after the "cache"
     collection's positions (see Block._cached_attention); commit=False leaves the cache unchanged.
     positions_L / mask_QxK (bool[L, L], True = may attend): explicit positions and attention pattern,
     e.g. block diffusion's noisy and clean copies side by side.
+    approx_cache (bidirectional models; the approximate caches of Fast-dLLM): "store" runs the whole
+    sequence and keeps every layer's keys/values (mutable "approx_cache"); "reuse" runs only the chunk
+    at positions_L (consecutive), attending to the kept keys/values elsewhere.
     """
     cfg = self.config
+    if approx_cache not in ("", "store", "reuse"):
+      raise UserError(f"approx_cache={approx_cache!r}; allowed: store, reuse")
+    if approx_cache and (decode or cfg.causal or cfg.block_size or mask_QxK is not None):
+      raise UserError("approx_cache needs a bidirectional masked-diffusion model without decode/mask_QxK")
+    if approx_cache == "reuse" and positions_L is None:
+      raise UserError("approx_cache='reuse' needs positions_L, the chunk's positions")
     if decode and not (cfg.causal or cfg.block_size):
       raise UserError("cached decoding needs a causal or block-diffusion model (objective='ar' or 'block')")
     dtype = DTYPES[cfg.dtype]
@@ -388,9 +421,9 @@ class Transformer(nn.Module):
     # Rotary tables once for every block (cached decoding derives its own from the cache index).
     rope = None if decode else rope_tables(jnp.arange(tokens_BxL.shape[1]) if positions_L is None else positions_L,
                                            cfg.head_dim, cfg.rope_base)
-    block = nn.remat(Block, static_argnums=(3, 4)) if cfg.remat else Block
+    block = nn.remat(Block, static_argnums=(3, 4, 8)) if cfg.remat else Block
     for i in range(cfg.num_layers):
-      x = block(cfg, name=f"block_{i}")(x, cond, decode, commit, positions_L, mask_QxK, rope)
+      x = block(cfg, name=f"block_{i}")(x, cond, decode, commit, positions_L, mask_QxK, rope, approx_cache)
     x = RMSNorm(dtype, name="final_norm")(x)
     head = Kernel((cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), name="head")()
     # SUBS: no probability on [MASK] or padding rows. Unless an axis shards the vocabulary (whose padded

@@ -23,7 +23,7 @@ FLAGS = flags.FLAGS
 # A new sampler setting is a flag in define_flags' sampler groups and its name here.
 _OVERRIDES = ("steps", "temperature", "top_k", "top_p", "float64", "guidance", "time_grid", "cache", "confidence",
               "commit_schedule", "block_length", "threshold", "remask_schedule", "remask_eta", "remask_t_on",
-              "remask_t_off", "remask_alpha_on")
+              "remask_t_off", "remask_alpha_on", "approx_cache")
 
 
 def define_flags():
@@ -59,6 +59,8 @@ def define_flags():
   flags.DEFINE_enum("commit_schedule", None, list(sampling.COMMIT_SCHEDULES),
                     "confidence/blocks: how many tokens are committed per step.")
   flags.DEFINE_integer("block_length", None, "blocks: tokens per block (must divide seq_len).")
+  flags.DEFINE_enum("approx_cache", None, list(sampling.APPROX_CACHES),
+                    "blocks on a masked-diffusion model: Fast-dLLM's approximate prefix | dual key/value cache.")
   flags.DEFINE_float("threshold", None, "threshold: commit predictions at least this confident, in (0, 1].")
   flags.DEFINE_enum("remask_schedule", None, list(sampling.REMASK_SCHEDULES),
                     "remdm: how much to remask per step (ReMDM's cap, rescale, conf and loop).")

@@ -1,6 +1,7 @@
 """The autoregressive baseline on the same network: causal attention, exact next-token likelihood."""
 
 from diffusion_lm import autoregressive
+from diffusion_lm.errors import UserError
 from diffusion_lm.objectives.base import Objective, bind
 
 
@@ -27,5 +28,7 @@ class Autoregressive(Objective):
   def generate(self, model, params, key, tokens_BxL, example_ids_B, cfg, *, schedule, mask_id, bos_id, eos_id,
                return_trajectory=False):
     del schedule, eos_id
+    if cfg.approx_cache != "none":
+      raise UserError(f"approx_cache={cfg.approx_cache!r} for an AR model; allowed: none (its KV cache is exact)")
     return autoregressive.decode(model, params, key, tokens_BxL, example_ids_B, cfg, mask_id=mask_id,
                                  bos_id=bos_id, return_trajectory=return_trajectory)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 
 from diffusion_lm import diffusion, samplers
 from diffusion_lm.objectives.base import Objective, bind
+from diffusion_lm.samplers import approx_cache
 
 
 def stratified_times(k, u_B, num_t_samples: int):
@@ -49,6 +50,9 @@ class MaskedDiffusion(Objective):
 
   def generate(self, model, params, key, tokens_BxL, example_ids_B, cfg, *, schedule, mask_id, bos_id, eos_id,
                return_trajectory=False):
+    if cfg.approx_cache != "none":
+      return approx_cache.sample(model, params, key, tokens_BxL, example_ids_B, cfg, schedule=schedule,
+                                 mask_id=mask_id, return_trajectory=return_trajectory)
     return samplers.sample(bind(model, params), key, tokens_BxL, example_ids_B, cfg, schedule=schedule, mask_id=mask_id,
                            return_trajectory=return_trajectory,
                            time_independent=not model.config.time_conditioning)

@@ -31,7 +31,7 @@ from diffusion_lm.samplers import confidence, remdm, threshold
 from diffusion_lm.samplers.common import (SampleOutput, Run, confidence_scores, draw_tokens, filter_logits,
                                           guided, rank_desc, time_grid)
 from diffusion_lm.samplers.conditioning import prompt_tokens, template_tokens
-from diffusion_lm.samplers.config import (COMMIT_SCHEDULES, CONFIDENCES, REMASK_SCHEDULES, SAMPLERS, TIME_GRIDS,
+from diffusion_lm.samplers.config import (APPROX_CACHES, COMMIT_SCHEDULES, CONFIDENCES, REMASK_SCHEDULES, SAMPLERS, TIME_GRIDS,
                                           SamplerConfig, check_steps)
 from diffusion_lm.schedules import Schedule
 
@@ -74,6 +74,6 @@ def ancestral_sample(denoiser, key, tokens_BxL, example_ids_B, *, steps: int, sc
   return (out.tokens, out.trajectory) if return_trajectory else out.tokens
 
 
-__all__ = ["COMMIT_SCHEDULES", "CONFIDENCES", "REMASK_SCHEDULES", "SAMPLERS", "TIME_GRIDS", "SampleOutput",
+__all__ = ["APPROX_CACHES", "COMMIT_SCHEDULES", "CONFIDENCES", "REMASK_SCHEDULES", "SAMPLERS", "TIME_GRIDS", "SampleOutput",
            "SamplerConfig", "ancestral_sample", "check_steps", "confidence_scores", "draw_tokens", "filter_logits",
            "guided", "prompt_tokens", "rank_desc", "sample", "template_tokens", "time_grid"]

@@ -28,6 +28,9 @@ _INNER = {"ancestral": remdm, "remdm": remdm, "confidence": confidence, "thresho
 
 
 def check(cfg: SamplerConfig, block_size: int) -> None:
+  if cfg.approx_cache != "none":
+    raise UserError(f"approx_cache={cfg.approx_cache!r} for a block-diffusion model; allowed: none (its cache of "
+                    "finished blocks is exact)")
   if cfg.name not in _INNER:
     raise UserError(f"sampler={cfg.name!r} for a block-diffusion model; allowed: {', '.join(_INNER)} (run inside "
                     "each block)")

@@ -151,6 +151,7 @@ class Run:
   record_steps: int  # trajectory frames to keep (0 = none)
   time_independent: bool
   first_logits: jax.Array | None = None  # the logits of step 0 when already computed (block decoding)
+  step_offset: int = 0  # step i draws with the keys of step i + step_offset (a loop run block by block)
 
   @property
   def batch_size(self) -> int:
@@ -169,7 +170,7 @@ class Run:
 
   def step_keys(self, i):
     """[B, 4] keys of step i: the token draw, the reveal draw, the remask draw, the random confidence."""
-    return jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, i), 4))(self.keys_B)
+    return jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, i + self.step_offset), 4))(self.keys_B)
 
   def masked_time(self, x_BxL):
     """float32[B]: the t at which a row with this many [MASK] is typical, 1 - alpha(t) = masked fraction.

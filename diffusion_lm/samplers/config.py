@@ -11,6 +11,7 @@ CONFIDENCES = ("max_prob", "margin", "entropy", "random")
 COMMIT_SCHEDULES = ("linear", "cosine")
 TIME_GRIDS = ("uniform", "cosine")
 REMASK_SCHEDULES = ("cap", "rescale", "conf", "loop")
+APPROX_CACHES = ("none", "prefix", "dual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,7 @@ class SamplerConfig:
   confidence: str = "max_prob"  # confidence/blocks/threshold, and remdm's conf schedule: how sure a prediction is
   commit_schedule: str = "linear"  # confidence/blocks: how many to commit per step
   block_length: int = 32  # blocks: tokens per block
+  approx_cache: str = "none"  # blocks on a bidirectional model: none | prefix | dual (Fast-dLLM; approximate)
   threshold: float = 0.9  # threshold: commit predictions at least this confident
   remask_schedule: str = "cap"  # remdm: cap | rescale | conf | loop (Wang et al. 2025)
   remask_eta: float = 0.05  # remdm: eta of cap / rescale / loop (unused by conf)
@@ -42,6 +44,12 @@ class SamplerConfig:
     _choice("commit_schedule", self.commit_schedule, COMMIT_SCHEDULES)
     _choice("time_grid", self.time_grid, TIME_GRIDS)
     _choice("remask_schedule", self.remask_schedule, REMASK_SCHEDULES)
+    _choice("approx_cache", self.approx_cache, APPROX_CACHES)
+    if self.approx_cache != "none" and self.name != "blocks":
+      raise UserError(f"approx_cache={self.approx_cache!r} with sampler={self.name!r}; allowed: the blocks sampler "
+                      "(or approx_cache='none')")
+    if self.approx_cache != "none" and self.guidance > 0:
+      raise UserError(f"approx_cache={self.approx_cache!r} with guidance={self.guidance}; allowed: one of the two")
     check_steps(self.steps)
     if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
       raise UserError(f"temperature={self.temperature}; allowed: a number >= 0")
