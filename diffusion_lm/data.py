@@ -15,9 +15,9 @@
 import bz2
 import dataclasses
 import difflib
-import glob
 import gzip
 import hashlib
+import io
 import json
 import logging
 import lzma
@@ -29,9 +29,8 @@ from typing import Iterator, NamedTuple
 import grain
 import numpy as np
 
-from diffusion_lm import corpora
+from diffusion_lm import corpora, paths
 from diffusion_lm.errors import UserError
-from diffusion_lm.tokenizers import atomic_write_bytes
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.xz", ".txt.bz2")
 SOURCES = ("bundled", "local", "text8", "tfds")
@@ -46,13 +45,12 @@ def list_text_files(path: str) -> list[str]:
   """The text files at `path` (one file, or a folder searched recursively), sorted."""
   if not path:
     raise UserError("data.path is empty; allowed: a text file or a folder of .txt files")
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise UserError(f"corpus path {path!r} does not exist; allowed: a text file or a folder of "
                     f"{', '.join(TEXT_SUFFIXES)} files")
-  if os.path.isfile(path):
+  if paths.isfile(path):
     return [path]
-  files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                 if f.endswith(TEXT_SUFFIXES) and os.path.isfile(f))
+  files = sorted(f for f in paths.files_under(path) if f.endswith(TEXT_SUFFIXES))
   if not files:
     raise UserError(f"corpus folder {path!r} holds no text files; allowed: {', '.join(TEXT_SUFFIXES)}")
   return files
@@ -60,9 +58,9 @@ def list_text_files(path: str) -> list[str]:
 
 def read_text_file(path: str) -> str:
   """Reads a (possibly compressed) UTF-8 text file; newlines normalised to \\n."""
-  opener = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)
-  with opener(path, "rb") as f:
-    data = f.read()
+  decompress = {".gz": gzip.decompress, ".xz": lzma.decompress, ".bz2": bz2.decompress}.get(
+      os.path.splitext(path)[1], bytes)
+  data = decompress(paths.read_bytes(path))
   try:
     text = data.decode("utf-8")
   except UnicodeDecodeError as e:
@@ -194,15 +192,13 @@ def _local_text_builder_cls():
 def read_text8(path: str) -> str:
   """The text8 text from the zip archive (member "text8") or the unzipped file."""
   import zipfile  # pylint: disable=g-import-not-at-top
-  if zipfile.is_zipfile(path):
-    with zipfile.ZipFile(path) as archive:
+  data = paths.read_bytes(path)
+  if zipfile.is_zipfile(io.BytesIO(data)):
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
       names = archive.namelist()
       if "text8" not in names:
         raise UserError(f"text8 archive {path!r} has no member 'text8' (has {names[:3]}); allowed: text8.zip")
       data = archive.read("text8")
-  else:
-    with open(path, "rb") as f:
-      data = f.read()
   text = data.decode("ascii", errors="replace")
   bad = set(text) - set("abcdefghijklmnopqrstuvwxyz ")
   if bad:
@@ -261,14 +257,18 @@ def _check_local_corpus(path, files, data_config) -> None:
           " allowed: more text, a smaller data.passage_chars or another validation_percent")
 
 
-def load_text_split(data_config, split: str, data_dir: str) -> TextSplit:
-  """Prepares (once) and opens one split of the configured text source."""
+def load_text_split(data_config, split: str, data_dir: str, coordinate: bool = True) -> TextSplit:
+  """Prepares (once) and opens one split of the configured text source.
+
+  coordinate: every process calls this together (process 0 prepares first, see `_prepare`); False
+  when only one process calls it.
+  """
   _check_data_config(data_config)
   tfds = _tfds()
   if data_config.source in ("bundled", "local"):
     files = list_text_files(_local_path(data_config))
     LocalText, LocalTextConfig, _ = _local_text_builder_cls()
-    stamp = json.dumps([[os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
+    stamp = json.dumps([[paths.resolve(f), paths.size(f), paths.mtime(f)] for f in files]
                        + [data_config.validation_percent, data_config.passage_chars])
     fingerprint = hashlib.sha256(stamp.encode()).hexdigest()[:12]
     if split not in ("train", "validation"):
@@ -278,9 +278,9 @@ def load_text_split(data_config, split: str, data_dir: str) -> TextSplit:
                                validation_percent=data_config.validation_percent,
                                passage_chars=data_config.passage_chars),
         data_dir=data_dir, file_format="array_record")
-    if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+    if not paths.exists(paths.join(builder.data_dir, "dataset_info.json")):
       _check_local_corpus(_local_path(data_config), files, data_config)
-    _prepare(builder, data_dir)
+    _prepare(builder, data_dir, coordinate)
     source = builder.as_data_source(split=split)
     docs = [source[i]["doc"] for i in range(len(source))]
     parts = [int(source[i]["part"]) for i in range(len(source))]
@@ -292,7 +292,7 @@ def load_text_split(data_config, split: str, data_dir: str) -> TextSplit:
     return TextSplit(split, fingerprint, source, order, doc_ends, "text")
 
   if data_config.source == "text8":
-    return _text8_split(data_config, split, data_dir)
+    return _text8_split(data_config, split, data_dir, coordinate)
 
   name = data_config.tfds_name
   base = name.split("/")[0].split(":")[0]
@@ -302,7 +302,7 @@ def load_text_split(data_config, split: str, data_dir: str) -> TextSplit:
     raise UserError(f"unknown tfds dataset {name!r}"
                     + (f"; close matches: {', '.join(close)}" if close else "; see tfds.list_builders()"))
   builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
-  _prepare(builder, data_dir or tfds.core.constants.DATA_DIR)
+  _prepare(builder, data_dir or tfds.core.constants.DATA_DIR, coordinate)
   if split not in builder.info.splits:
     raise UserError(f"tfds dataset {name!r} has no split {split!r}; allowed: "
                     f"{', '.join(builder.info.splits)}")
@@ -313,20 +313,20 @@ def load_text_split(data_config, split: str, data_dir: str) -> TextSplit:
                    data_config.text_key)
 
 
-def _text8_split(data_config, split: str, data_dir: str) -> TextSplit:
+def _text8_split(data_config, split: str, data_dir: str, coordinate: bool = True) -> TextSplit:
   """text8 through the Text8 tfds builder: a local copy (data.path) or the public archive."""
   _, _, Text8 = _local_text_builder_cls()
   if split not in TEXT8_SPLITS:
     raise UserError(f"split {split!r} of text8; allowed: {', '.join(TEXT8_SPLITS)}")
   archive = data_config.path
-  if archive and not os.path.exists(archive):
+  if archive and not paths.exists(archive):
     raise UserError(f"text8 path {archive!r} does not exist; allowed: the text8 file or text8.zip")
   # A local copy gets its own prepared dataset (keyed by its path and size), the download another.
-  stamp = f"{os.path.abspath(archive)}:{os.path.getsize(archive)}" if archive else TEXT8_URL
-  subdir = os.path.join(data_dir, "text8-" + hashlib.sha256(stamp.encode()).hexdigest()[:12])
+  stamp = f"{paths.resolve(archive)}:{paths.size(archive)}" if archive else TEXT8_URL
+  subdir = paths.join(data_dir, "text8-" + hashlib.sha256(stamp.encode()).hexdigest()[:12])
   builder = Text8(archive=archive, data_dir=subdir, file_format="array_record")
   try:
-    _prepare(builder, subdir)
+    _prepare(builder, subdir, coordinate)
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
@@ -344,13 +344,21 @@ def _text8_split(data_config, split: str, data_dir: str) -> TextSplit:
   return TextSplit(split, fingerprint, source, order, doc_ends, "text")
 
 
-def _prepare(builder, data_dir: str):
-  """download_and_prepare, done by one process at a time (a lock file in the data root)."""
-  os.makedirs(data_dir, exist_ok=True)
-  lock = os.path.join(data_dir, ".prepare.lock")
-  import fcntl  # pylint: disable=g-import-not-at-top
-  with open(lock, "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
+def _prepare(builder, data_dir: str, coordinate: bool = True):
+  """download_and_prepare: process 0 first; after a barrier the others find the data prepared (a
+  shared folder) or prepare their own copy (a folder of their own host). No file lock: it would
+  coordinate nothing across the hosts of a pod."""
+  if paths.is_uri(builder.data_dir) and not builder.is_prepared():
+    raise UserError(f"data folder {data_dir!r} holds no prepared copy of this text and array_record writes "
+                    "local files only; allowed: a local data.cache_dir (the default for a gs:// workdir), or a "
+                    "bucket folder prepared elsewhere")
+  if not coordinate:
+    builder.download_and_prepare(file_format="array_record")
+    return
+  if paths.is_writer():
+    builder.download_and_prepare(file_format="array_record")
+  paths.sync("diffusion_lm:prepare")
+  if not paths.is_writer():
     builder.download_and_prepare(file_format="array_record")
 
 
@@ -368,8 +376,10 @@ def token_char_counts(tokenizer) -> np.ndarray:
   counts = np.ones(tokenizer.vocab_size, dtype=np.int32)
   if tokenizer.kind == "char":
     return counts  # one id per character, plus end-of-document
+  if tokenizer.kind == "hf":
+    return tokenizer.char_counts()
   if tokenizer.kind != "sentencepiece":
-    raise UserError(f"tokenizer kind {tokenizer.kind!r}; allowed: char, sentencepiece")
+    raise UserError(f"tokenizer kind {tokenizer.kind!r}; allowed: char, sentencepiece, hf")
   sp = tokenizer.sp
   for i in range(tokenizer.vocab_size):
     if sp.is_byte(i):
@@ -390,34 +400,43 @@ class TokenizedSplit:
     return self.num_chars / max(1, len(self.tokens))
 
 
-def tokenize_split(text_split: TextSplit, tokenizer, cache_dir: str) -> TokenizedSplit:
-  """Token stream of a split, cached as .npy keyed by the split and tokenizer fingerprints."""
-  stem = os.path.join(cache_dir, f"{text_split.name}-{text_split.fingerprint}-{tokenizer.fingerprint()}")
-  if not os.path.exists(stem + ".json"):
-    import fcntl  # pylint: disable=g-import-not-at-top
-    os.makedirs(cache_dir, exist_ok=True)
-    with open(stem + ".lock", "w") as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)
-      if not os.path.exists(stem + ".json"):
-        start = time.time()
-        chunks, num_chars = [], 0
-        for text, ends in zip(text_split.texts(), text_split.doc_ends):
-          ids = tokenizer.encode(text)
-          if ends:
-            ids.append(tokenizer.eos_id)
-          chunks.append(np.asarray(ids, dtype=np.int32))
-          num_chars += len(text) + int(ends)
-        tokens = np.concatenate(chunks) if chunks else np.zeros((0,), np.int32)
-        with open(stem + ".npy.tmp", "wb") as f:
-          np.save(f, tokens)
-        os.replace(stem + ".npy.tmp", stem + ".npy")
-        atomic_write_bytes(stem + ".json", json.dumps(
-            {"num_tokens": int(len(tokens)), "num_chars": num_chars}).encode())
-        logging.info("tokenized %s: %d chars -> %d tokens in %.1fs", text_split.name, num_chars,
-                     len(tokens), time.time() - start)
-  with open(stem + ".json") as f:
-    meta = json.load(f)
-  return TokenizedSplit(np.load(stem + ".npy", mmap_mode="r"), meta["num_chars"])
+def tokenize_split(text_split: TextSplit, tokenizer, cache_dir: str, coordinate: bool = True) -> TokenizedSplit:
+  """Token stream of a split, cached as .npy keyed by the split and tokenizer fingerprints.
+
+  Process 0 tokenizes and writes the cache; the others wait at a barrier and read it (or, on a folder
+  of their own host, make their own). A local cache is memory-mapped; one in a bucket is read whole.
+  coordinate: every process calls this together; False when only one does.
+  """
+  stem = paths.join(cache_dir, f"{text_split.name}-{text_split.fingerprint}-{tokenizer.fingerprint()}")
+  if (paths.is_writer() or not coordinate) and not paths.exists(stem + ".json"):
+    _tokenize_to_cache(text_split, tokenizer, stem)
+  if coordinate:
+    paths.sync("diffusion_lm:tokenize")
+    if not paths.exists(stem + ".json"):
+      _tokenize_to_cache(text_split, tokenizer, stem)
+  meta = json.loads(paths.read_bytes(stem + ".json"))
+  if paths.is_uri(stem):
+    tokens = np.load(io.BytesIO(paths.read_bytes(stem + ".npy")))
+  else:
+    tokens = np.load(stem + ".npy", mmap_mode="r")
+  return TokenizedSplit(tokens, meta["num_chars"])
+
+
+def _tokenize_to_cache(text_split: TextSplit, tokenizer, stem: str) -> None:
+  """Writes STEM.npy (the token stream) and then STEM.json (its counts: the cache is complete)."""
+  start = time.time()
+  chunks, num_chars = [], 0
+  for text, ends in zip(text_split.texts(), text_split.doc_ends):
+    ids = tokenizer.encode(text)
+    if ends:
+      ids.append(tokenizer.eos_id)
+    chunks.append(np.asarray(ids, dtype=np.int32))
+    num_chars += len(text) + int(ends)
+  tokens = np.concatenate(chunks) if chunks else np.zeros((0,), np.int32)
+  paths.write_with(stem + ".npy", lambda f: np.save(f, tokens))
+  paths.write_bytes(stem + ".json", json.dumps({"num_tokens": int(len(tokens)), "num_chars": num_chars}).encode())
+  logging.info("tokenized %s: %d chars -> %d tokens in %.1fs", text_split.name, num_chars, len(tokens),
+               time.time() - start)
 
 
 # ----------------------------------------------------------------------------- batching

@@ -5,7 +5,6 @@ Everything is derived from one ml_collections config plus the workdir; the pure 
 """
 
 import dataclasses
-import fcntl
 import functools
 import json
 import logging
@@ -21,7 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from diffusion_lm import autoregressive, checkpointing, data, diffusion, objectives, sharding, tokenizers
+from diffusion_lm import autoregressive, checkpointing, data, diffusion, objectives, paths, sharding, tokenizers
 from diffusion_lm.errors import UserError
 from diffusion_lm.model import RUNTIME_FIELDS, ModelConfig, Transformer
 from diffusion_lm.schedules import Schedule
@@ -69,40 +68,64 @@ def schedule_from_config(config) -> Schedule:
 
 
 def tokenizer_dir(workdir: str) -> str:
-  return os.path.abspath(workdir)
+  return paths.resolve(workdir)
+
+
+# Where text is prepared when the workdir is a bucket: array_record writes local files only (it reads
+# gs:// too, so a data.cache_dir in a bucket prepared elsewhere works).
+LOCAL_DATA_CACHE = os.path.join("~", ".cache", "diffusion_lm", "data")
 
 
 def data_dir(config, workdir: str) -> str:
-  return config.data.cache_dir or os.path.join(os.path.abspath(workdir), "data")
+  """Where text sources are prepared and tokenized: data.cache_dir, else WORKDIR/data for a local
+  workdir, else a local cache folder (LOCAL_DATA_CACHE) for a bucket workdir."""
+  if config.data.cache_dir:
+    return paths.resolve(config.data.cache_dir)
+  return paths.resolve(LOCAL_DATA_CACHE) if paths.is_uri(workdir) else paths.join(workdir, "data")
 
 
 def load_or_train_tokenizer(config, workdir: str):
-  """The workdir's tokenizer, or one trained on the train split (once, under a file lock)."""
-  existing = tokenizers.load_tokenizer(tokenizer_dir(workdir))
+  """The workdir's tokenizer, or one trained on the train split.
+
+  Process 0 trains and saves it; the others wait for it at a barrier and load it (on a folder that is
+  not shared between hosts they find none, and train the same one themselves).
+  """
+  existing = None
+  if jax.process_index() == 0:
+    existing = tokenizers.load_tokenizer(tokenizer_dir(workdir))
+    if existing is None:
+      existing = _train_tokenizer(config, workdir)
+  paths.sync("diffusion_lm:tokenizer")
   if existing is None:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, ".tokenizer.lock"), "w") as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)
-      existing = tokenizers.load_tokenizer(tokenizer_dir(workdir))
-      if existing is None:
-        split = data.load_text_split(config.data, config.data.train_split, data_dir(config, workdir))
-        logging.info("training a %s tokenizer on %d train passages", config.tokenizer.kind, len(split))
-        tokenizer = tokenizers.train_tokenizer(config.tokenizer, split.texts())
-        tokenizers.save_tokenizer(tokenizer, tokenizer_dir(workdir))
-        return tokenizer
+    existing = tokenizers.load_tokenizer(tokenizer_dir(workdir))
+  if existing is None:
+    existing = _train_tokenizer(config, workdir)
   if not tokenizers.tokenizer_matches(existing, config.tokenizer):
     raise UserError(
         f"workdir {workdir!r} holds a {existing.kind} tokenizer with {existing.vocab_size} tokens, but the "
         f"config asks for tokenizer.kind={config.tokenizer.kind!r}"
         + (f" with vocab_size={config.tokenizer.vocab_size}" if config.tokenizer.kind == "sentencepiece" else "")
+        + (f" from hf_path={config.tokenizer.hf_path!r} (another vocabulary or eos token)"
+           if config.tokenizer.kind == "hf" and existing.kind == "hf" else "")
         + "; use a new --workdir or the workdir's own tokenizer settings")
   return existing
+
+
+def _train_tokenizer(config, workdir: str):
+  if config.tokenizer.kind == "hf":  # a fixed vocabulary read from its file: no text needed
+    tokenizer = tokenizers.train_tokenizer(config.tokenizer, [])
+  else:
+    split = data.load_text_split(config.data, config.data.train_split, data_dir(config, workdir), coordinate=False)
+    logging.info("training a %s tokenizer on %d train passages", config.tokenizer.kind, len(split))
+    tokenizer = tokenizers.train_tokenizer(config.tokenizer, split.texts())
+  tokenizers.save_tokenizer(tokenizer, tokenizer_dir(workdir))
+  return tokenizer
 
 
 def load_windows(config, workdir: str, tokenizer, split: str):
   """(Windows with per-token character counts, TokenizedSplit) of a split, tokenized once and cached."""
   text_split = data.load_text_split(config.data, split, data_dir(config, workdir))
-  tokenized = data.tokenize_split(text_split, tokenizer, os.path.join(data_dir(config, workdir), "tokens"))
+  tokenized = data.tokenize_split(text_split, tokenizer, paths.join(data_dir(config, workdir), "tokens"))
   windows = data.Windows(tokenized.tokens, config.data.seq_len, split, data.token_char_counts(tokenizer))
   return windows, tokenized
 
@@ -198,6 +221,23 @@ def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_
     return jnp.mean(loss_B) / seq_len, masked_B
 
   (loss, masked_B), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state, grad_norm, finite = guarded_update(state, grads, loss, tx=tx, ema_decay=ema_decay)
+  metrics = {
+      "loss": loss,  # nats per token (diffusion: negative ELBO estimate; ar: exact)
+      "bits_per_token": diffusion.nats_to_bits(loss),
+      "grad_norm": grad_norm,
+      "param_norm": optax.tree.norm(state.params),
+      "mask_rate": jnp.mean(masked_B) / seq_len,
+      "finite": finite.astype(jnp.float32),
+  }
+  return new_state, metrics
+
+
+def guarded_update(state: TrainState, grads, loss, *, tx, ema_decay):
+  """(new state, grad norm, finite): the optimizer and EMA update of `grads`, skipped when not finite.
+
+  Shared by train_step and the distillation step (diffusion_lm/distillation.py).
+  """
   grad_norm = optax.tree.norm(grads)  # the same sums as the clipping's norm: XLA computes them once
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -210,15 +250,7 @@ def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_
   ema = jax.tree.map(lambda e, p: keep(ema_decay * e + (1.0 - ema_decay) * p, e), state.ema_params, params)
   new_state = TrainState(step=state.step + 1, params=params, ema_params=ema,
                          opt_state=jax.tree.map(keep, opt_state, state.opt_state))
-  metrics = {
-      "loss": loss,  # nats per token (diffusion: negative ELBO estimate; ar: exact)
-      "bits_per_token": diffusion.nats_to_bits(loss),
-      "grad_norm": grad_norm,
-      "param_norm": optax.tree.norm(state.params),
-      "mask_rate": jnp.mean(masked_B) / seq_len,
-      "finite": finite.astype(jnp.float32),
-  }
-  return new_state, metrics
+  return new_state, grad_norm, finite
 
 
 def jit_train_step(config, model, tx, mesh, shardings, mask_id: int, bos_id: int):

@@ -1,20 +1,22 @@
-"""Tokenizers: character level and SentencePiece, each with an end-of-document id and a [MASK] id.
+"""Tokenizers: character level, SentencePiece and Hugging Face `tokenizers` vocabularies, each with an
+end-of-document id and a [MASK] id.
 
 Ids 0..K-1 are data tokens (the end-of-document token included); `mask_id` = K is reserved for the
 diffusion [MASK] and never produced by `encode`. `decode` inverts `encode` exactly on text the
-tokenizer covers. Both are stored in the workdir without pickle (JSON / the SentencePiece proto) and
-written atomically, so a run killed while writing never leaves a half-written tokenizer behind.
+tokenizer covers (a Hugging Face vocabulary with a normaliser, e.g. bert-base-uncased's lowercasing,
+inverts it up to that normalisation). All are stored in the workdir without pickle (JSON / the
+SentencePiece proto) and written atomically, so a run killed while writing never leaves a half-written
+tokenizer behind.
 """
 
 import hashlib
 import io
 import json
-import os
-import tempfile
 from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
+from diffusion_lm import paths
 from diffusion_lm.errors import UserError
 
 class Tokenizer(Protocol):
@@ -29,20 +31,8 @@ class Tokenizer(Protocol):
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes data to path via a temp file in the same directory and os.replace (atomic on POSIX)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes data to path (local or gs://) atomically; see paths.write_bytes."""
+  paths.write_bytes(path, data)
 
 
 class CharTokenizer:
@@ -182,11 +172,156 @@ class SentencePieceTokenizer:
     return hashlib.sha256(self.model_proto).hexdigest()[:16]
 
 
-TOKENIZER_FILES = {"char": "tokenizer.json", "sentencepiece": "tokenizer.model"}
+# End-of-document tokens looked for, in this order, when tokenizer.hf_eos_token is empty: GPT-2's
+# <|endoftext|>, BERT's [SEP] (MDLM wraps LM1B sentences as [CLS] ... [SEP]), then common others.
+HF_EOS_TOKENS = ("<|endoftext|>", "[SEP]", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
+HF_BOS_TOKENS = ("[CLS]", "<s>", "<bos>", "<|begin_of_text|>")
+HF_MASK_TOKENS = ("[MASK]", "<mask>", "<|mask|>")
+
+
+def byte_level_alphabet() -> dict[str, int]:
+  """The printable stand-in character of each byte in byte-level BPE vocabularies (GPT-2's scheme).
+
+  Bytes that are printable Latin-1 characters stand for themselves; the other bytes, in increasing
+  order, take the characters from U+0100 on. Returns {stand-in character: byte}.
+  """
+  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+               + list(range(ord("\u00ae"), ord("\u00ff") + 1)))
+  table, extra = {}, 0
+  for byte in range(256):
+    if byte in printable:
+      table[chr(byte)] = byte
+    else:
+      table[chr(256 + extra)] = byte
+      extra += 1
+  return table
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizers` vocabulary (WordPiece, BPE, Unigram) read from a tokenizer.json.
+
+  Nothing is trained: the file is the vocabulary (e.g. bert-base-uncased's or GPT-2's, downloaded
+  once). `encode` adds no special tokens (the data pipeline places end-of-document ids itself).
+  `eos_id` is the end-of-document token (`eos_token`, or the first of HF_EOS_TOKENS the vocabulary
+  has); `bos_id` and `vocab_mask_id` are the vocabulary's own begin token and mask token, or None.
+  The diffusion [MASK] stays `mask_id` = vocab_size, one past the file's largest id.
+  """
+
+  kind = "hf"
+
+  def __init__(self, tokenizer_json: bytes, eos_token: str = ""):
+    try:
+      import tokenizers as hf_tokenizers  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise UserError("tokenizer.kind='hf' needs the Hugging Face tokenizers package; allowed: "
+                      "pip install -r requirements.txt (or pip install tokenizers)") from None
+    try:
+      self.tok = hf_tokenizers.Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+    except Exception as e:  # pylint: disable=broad-except  (the Rust side raises plain Exception)
+      raise UserError(f"not a Hugging Face tokenizer.json: {str(e).splitlines()[0][:200]}; allowed: a "
+                      "tokenizer.json written by the tokenizers library (e.g. from the model's hub page)") from None
+    self.tokenizer_json = tokenizer_json
+    vocab = self.tok.get_vocab(with_added_tokens=True)
+    self.vocab_size = max(vocab.values()) + 1
+    self.mask_id = self.vocab_size
+    self.special_tokens = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+    if eos_token:
+      if eos_token not in vocab:
+        raise UserError(f"tokenizer.hf_eos_token={eos_token!r} is not in the vocabulary; allowed: one of its "
+                        f"tokens, e.g. {', '.join(sorted(self.special_tokens)[:8]) or 'none are special'}")
+    else:
+      eos_token = next((t for t in HF_EOS_TOKENS if t in vocab), "")
+      if not eos_token:
+        raise UserError(f"the tokenizer.json has none of the end-of-document tokens {', '.join(HF_EOS_TOKENS)}; "
+                        "allowed: name one of its tokens in tokenizer.hf_eos_token")
+    self.eos_token = eos_token
+    self.eos_id = vocab[eos_token]
+    self.bos_id = next((vocab[t] for t in HF_BOS_TOKENS if t in vocab), None)
+    self.vocab_mask_id = next((vocab[t] for t in HF_MASK_TOKENS if t in vocab), None)
+    self.byte_level = (self._section("decoder") or {}).get("type") == "ByteLevel"
+
+  def _section(self, name: str):
+    return json.loads(self.tokenizer_json).get(name)
+
+  @classmethod
+  def from_file(cls, path: str, eos_token: str = "") -> "HFTokenizer":
+    if not path:
+      raise UserError("tokenizer.kind='hf' needs tokenizer.hf_path; allowed: the path of a Hugging Face "
+                      "tokenizer.json (e.g. bert-base-uncased's or gpt2's, downloaded once)")
+    if not paths.isfile(path):
+      raise UserError(f"tokenizer.hf_path={path!r}: no such file; allowed: the path of a Hugging Face "
+                      "tokenizer.json")
+    return cls(paths.read_bytes(path), eos_token)
+
+  def encode(self, text: str) -> list[int]:
+    return list(self.tok.encode(text, add_special_tokens=False).ids)
+
+  def decode(self, ids: Sequence[int], show_mask: bool = True) -> str:
+    run, out = [], []
+    for i in np.asarray(ids).tolist():
+      if i == self.mask_id or i == self.eos_id:
+        if run:
+          out.append(self.tok.decode(run, skip_special_tokens=False))
+          run = []
+        if i == self.eos_id:
+          out.append("\n\n")
+        elif show_mask:
+          out.append("_")
+      elif 0 <= i < self.vocab_size:
+        run.append(i)
+    if run:
+      out.append(self.tok.decode(run, skip_special_tokens=False))
+    return "".join(out)
+
+  def token_text(self, i: int) -> str:
+    """The text of one data token (for step-by-step displays)."""
+    if i == self.eos_id:
+      return "\n\n"
+    piece = self.tok.id_to_token(int(i)) or ""
+    if self.byte_level and piece not in self.special_tokens:
+      alphabet = byte_level_alphabet()
+      return bytes(alphabet[c] for c in piece if c in alphabet).decode("utf-8", errors="replace")
+    prefix = (self._section("decoder") or {}).get("prefix", "##")
+    return piece[len(prefix):] if piece.startswith(prefix) else " " + piece
+
+  def char_counts(self) -> np.ndarray:
+    """Characters each id stands for (see data.token_char_counts): int32[vocab_size].
+
+    Exact for byte-level vocabularies (GPT-2): a character counts at the token holding its first UTF-8
+    byte. Otherwise the length of the piece's text without a continuation prefix: such tokenizers drop
+    whitespace and normalise before splitting, so per-character figures count the normalised text's
+    non-space characters.
+    """
+    counts = np.ones(self.vocab_size, dtype=np.int32)
+    alphabet = byte_level_alphabet() if self.byte_level else {}
+    prefix = (self._section("decoder") or {}).get("prefix", "##")
+    for piece, i in self.tok.get_vocab(with_added_tokens=True).items():
+      if piece in self.special_tokens:
+        continue  # end-of-document and other special tokens count one
+      if self.byte_level:
+        counts[i] = sum(1 for c in piece if not 0x80 <= alphabet.get(c, 0) < 0xC0)
+      else:
+        counts[i] = len(piece) - (len(prefix) if piece.startswith(prefix) and len(piece) > len(prefix) else 0)
+    return counts
+
+  def fingerprint(self) -> str:
+    return hashlib.sha256(self.tokenizer_json + b"\0" + self.eos_token.encode()).hexdigest()[:16]
+
+
+TOKENIZER_FILES = {"char": "tokenizer.json", "sentencepiece": "tokenizer.model", "hf": "tokenizer.json"}
+
+
+HF_CONFIG_FILE = "tokenizer_config.json"  # hf kind: {"eos_token": ...}, as in Hugging Face model folders
 
 
 def save_tokenizer(tokenizer, directory: str) -> str:
-  path = os.path.join(directory, TOKENIZER_FILES[tokenizer.kind])
+  path = paths.join(directory, TOKENIZER_FILES[tokenizer.kind])
+  if tokenizer.kind == "hf":
+    # The eos choice first: a tokenizer.json without it reloads with the default eos token.
+    atomic_write_bytes(paths.join(directory, HF_CONFIG_FILE),
+                       json.dumps({"eos_token": tokenizer.eos_token}).encode())
+    atomic_write_bytes(path, tokenizer.tokenizer_json)
+    return path
   data = tokenizer.to_json() if tokenizer.kind == "char" else tokenizer.model_proto
   atomic_write_bytes(path, data)
   return path
@@ -194,15 +329,21 @@ def save_tokenizer(tokenizer, directory: str) -> str:
 
 def load_tokenizer(directory: str):
   """Loads the tokenizer saved in `directory`; None if there is none."""
-  char_path = os.path.join(directory, TOKENIZER_FILES["char"])
-  sp_path = os.path.join(directory, TOKENIZER_FILES["sentencepiece"])
-  if os.path.exists(char_path):
-    with open(char_path, "rb") as f:
-      payload = json.loads(f.read())
-    return CharTokenizer(list(payload["chars"]))
-  if os.path.exists(sp_path):
-    with open(sp_path, "rb") as f:
-      return SentencePieceTokenizer(f.read())
+  json_path = paths.join(directory, TOKENIZER_FILES["char"])  # char and hf kinds
+  sp_path = paths.join(directory, TOKENIZER_FILES["sentencepiece"])
+  if paths.exists(json_path):
+    raw = paths.read_bytes(json_path)
+    payload = json.loads(raw)
+    if payload.get("kind") == "char":
+      return CharTokenizer(list(payload["chars"]))
+    eos_token = ""
+    if paths.exists(paths.join(directory, HF_CONFIG_FILE)):
+      eos_token = json.loads(paths.read_bytes(paths.join(directory, HF_CONFIG_FILE))).get("eos_token") or ""
+      if isinstance(eos_token, dict):  # Hugging Face's AddedToken form
+        eos_token = eos_token.get("content", "")
+    return HFTokenizer(raw, eos_token)
+  if paths.exists(sp_path):
+    return SentencePieceTokenizer(paths.read_bytes(sp_path))
   return None
 
 
@@ -211,11 +352,16 @@ def tokenizer_matches(tokenizer, tokenizer_config) -> bool:
     return False
   if tokenizer.kind == "sentencepiece":
     return tokenizer.vocab_size == tokenizer_config.vocab_size
+  if tokenizer.kind == "hf" and tokenizer_config.get("hf_path") and paths.isfile(tokenizer_config.hf_path):
+    # Where the configured file is at hand it must be the workdir's vocabulary (sampling elsewhere
+    # without the file uses the workdir's copy).
+    wanted = HFTokenizer.from_file(tokenizer_config.hf_path, tokenizer_config.get("hf_eos_token", ""))
+    return wanted.fingerprint() == tokenizer.fingerprint()
   return True
 
 
 def train_tokenizer(tokenizer_config, texts: Iterable[str]):
-  """Builds the tokenizer named by `config.tokenizer` from the training texts."""
+  """Builds the tokenizer named by `config.tokenizer` from the training texts (hf: reads its file)."""
   kind = tokenizer_config.kind
   if kind == "char":
     return CharTokenizer.train(texts)
@@ -225,4 +371,6 @@ def train_tokenizer(tokenizer_config, texts: Iterable[str]):
       raise UserError(f"tokenizer.vocab_size={size!r}; allowed: an integer >= 16")
     return SentencePieceTokenizer.train(texts, size, tokenizer_config.model_type,
                                         tokenizer_config.max_sentences)
-  raise UserError(f"tokenizer.kind={kind!r}; allowed: char, sentencepiece")
+  if kind == "hf":
+    return HFTokenizer.from_file(tokenizer_config.get("hf_path", ""), tokenizer_config.get("hf_eos_token", ""))
+  raise UserError(f"tokenizer.kind={kind!r}; allowed: char, sentencepiece, hf")

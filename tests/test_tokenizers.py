@@ -1,9 +1,10 @@
+import json
 import os
 
 import pytest
 
 from conftest import ENGLISH
-from diffusion_lm import tokenizers
+from diffusion_lm import data, tokenizers
 from diffusion_lm.errors import UserError
 
 TEXTS = [ENGLISH * 20, "Ophelia: Nymph, in thy orisons\nBe all my sins remember'd.\n\n  Indented  twice\n"]
@@ -78,3 +79,112 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     tokenizers.atomic_write_bytes(path, object())  # write() fails mid-way
   assert open(path, "rb").read() == b"old"
   assert sorted(os.listdir(tmp_path)) == ["f.bin"]
+
+
+# ----------------------------------------------------------------------------- Hugging Face tokenizer.json
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+WORDPIECE = os.path.join(FIXTURES, "wordpiece_tokenizer.json")
+BYTE_BPE = os.path.join(FIXTURES, "bytelevel_bpe_tokenizer.json")
+UNICODE = "To be, or not — “Ünïcødé” façade 💥 12345\n\n\tTabbed  twice"
+
+
+def _file_ids(path):
+  """{token: id} read straight from the JSON file (model vocabulary and added tokens)."""
+  payload = json.load(open(path))
+  ids = dict(payload["model"]["vocab"])
+  ids.update({t["content"]: t["id"] for t in payload["added_tokens"]})
+  return ids
+
+
+def test_hf_wordpiece_special_ids_follow_the_file():
+  tok = tokenizers.HFTokenizer.from_file(WORDPIECE)
+  ids = _file_ids(WORDPIECE)
+  assert tok.kind == "hf" and tok.vocab_size == max(ids.values()) + 1 == tok.mask_id
+  assert (tok.eos_id, tok.bos_id, tok.vocab_mask_id) == (ids["[SEP]"], ids["[CLS]"], ids["[MASK]"])
+  text = "To be, or not to be, that is the question."
+  encoded = tok.encode(text)
+  assert ids["[CLS]"] not in encoded and ids["[SEP]"] not in encoded  # no special tokens added
+  assert tok.decode(encoded) == text.lower()  # bert-uncased style: round trip up to lowercasing
+  assert tok.decode(tok.encode("to be") + [tok.mask_id, tok.eos_id] + tok.encode("or not")) == "to be_\n\nor not"
+
+
+def test_hf_byte_level_bpe_round_trips_exactly():
+  tok = tokenizers.HFTokenizer.from_file(BYTE_BPE)
+  ids = _file_ids(BYTE_BPE)
+  assert tok.eos_id == ids["<|endoftext|>"] and tok.bos_id is None and tok.vocab_mask_id is None
+  for text in [ENGLISH, UNICODE]:
+    encoded = tok.encode(text)
+    assert all(0 <= i < tok.vocab_size for i in encoded) and tok.eos_id not in encoded
+    assert tok.decode(encoded) == text
+  assert tok.decode(tok.encode("To be") + [tok.mask_id], show_mask=False) == "To be"
+
+
+def test_hf_byte_level_alphabet_and_exact_char_counts():
+  from tokenizers import pre_tokenizers
+  alphabet = tokenizers.byte_level_alphabet()
+  assert set(alphabet) == set(pre_tokenizers.ByteLevel.alphabet()) and sorted(alphabet.values()) == list(range(256))
+  tok = tokenizers.HFTokenizer.from_file(BYTE_BPE)
+  encoded = tok.encode(UNICODE)
+  # The pieces' bytes, concatenated, are the text's UTF-8 bytes (checks which byte each stand-in means).
+  assert b"".join(bytes(alphabet[c] for c in tok.tok.id_to_token(i)) for i in encoded) == UNICODE.encode()
+  assert "".join(tok.token_text(i) for i in tok.encode(ENGLISH)) == ENGLISH
+  counts = data.token_char_counts(tok)
+  assert int(counts[encoded].sum()) == len(UNICODE)  # characters, not bytes (the emoji is 4 bytes)
+  assert int(counts[tok.encode(ENGLISH) + [tok.eos_id]].sum()) == len(ENGLISH) + 1
+
+
+def test_hf_save_load_keeps_vocabulary_and_eos_choice(tmp_path):
+  tok = tokenizers.HFTokenizer.from_file(WORDPIECE, eos_token="[PAD]")
+  path = tokenizers.save_tokenizer(tok, str(tmp_path))
+  assert os.path.basename(path) == "tokenizer.json" and open(path, "rb").read() == open(WORDPIECE, "rb").read()
+  loaded = tokenizers.load_tokenizer(str(tmp_path))
+  assert loaded.kind == "hf" and loaded.eos_id == _file_ids(WORDPIECE)["[PAD]"]
+  assert loaded.fingerprint() == tok.fingerprint() != tokenizers.HFTokenizer.from_file(WORDPIECE).fingerprint()
+  assert loaded.encode(ENGLISH) == tok.encode(ENGLISH)
+
+
+def _hf_config(path, eos=""):
+  from configs import default
+  config = default.get_config().tokenizer
+  config.kind, config.hf_path, config.hf_eos_token = "hf", path, eos
+  return config
+
+
+def test_hf_from_config_and_workdir_match(tmp_path):
+  tok = tokenizers.train_tokenizer(_hf_config(BYTE_BPE), [])
+  assert tok.fingerprint() == tokenizers.HFTokenizer.from_file(BYTE_BPE).fingerprint()
+  assert tokenizers.tokenizer_matches(tok, _hf_config(BYTE_BPE))
+  assert not tokenizers.tokenizer_matches(tok, _hf_config(WORDPIECE))
+  assert tokenizers.tokenizer_matches(tok, _hf_config(str(tmp_path / "elsewhere.json")))  # file not at hand
+
+
+def test_hf_bad_input_is_one_line_error(tmp_path):
+  with pytest.raises(UserError, match="needs tokenizer.hf_path"):
+    tokenizers.train_tokenizer(_hf_config(""), [])
+  with pytest.raises(UserError, match="no such file"):
+    tokenizers.train_tokenizer(_hf_config(str(tmp_path / "missing.json")), [])
+  (tmp_path / "bad.json").write_text('{"model": 3}')
+  with pytest.raises(UserError, match="not a Hugging Face tokenizer.json"):
+    tokenizers.train_tokenizer(_hf_config(str(tmp_path / "bad.json")), [])
+  with pytest.raises(UserError, match=r"hf_eos_token='\[EOS\]' is not in the vocabulary"):
+    tokenizers.train_tokenizer(_hf_config(WORDPIECE, "[EOS]"), [])
+  payload = json.load(open(BYTE_BPE))
+  payload["added_tokens"][0]["content"] = "<|special|>"
+  payload["model"]["vocab"]["<|special|>"] = payload["model"]["vocab"].pop("<|endoftext|>")
+  (tmp_path / "no_eos.json").write_text(json.dumps(payload))
+  with pytest.raises(UserError, match="none of the end-of-document tokens"):
+    tokenizers.train_tokenizer(_hf_config(str(tmp_path / "no_eos.json")), [])
+
+
+def test_hf_workdir_gets_its_own_copy(tmp_path, tiny_config):
+  from diffusion_lm import experiment
+  workdir = str(tmp_path / "run")
+  tiny_config.tokenizer.update(kind="hf", hf_path=BYTE_BPE)
+  tok = experiment.load_or_train_tokenizer(tiny_config, workdir)
+  assert sorted(f for f in os.listdir(workdir) if not f.startswith(".")) == ["tokenizer.json", "tokenizer_config.json"]
+  tiny_config.tokenizer.hf_path = str(tmp_path / "not_here.json")  # sampling on a machine without the file
+  assert experiment.load_or_train_tokenizer(tiny_config, workdir).fingerprint() == tok.fingerprint()
+  tiny_config.tokenizer.hf_path = WORDPIECE
+  with pytest.raises(UserError, match="another vocabulary"):
+    experiment.load_or_train_tokenizer(tiny_config, workdir)
