@@ -46,11 +46,13 @@ def _fail(message: str, argv) -> None:
   sys.exit(2)
 
 
+# The shipped configs: the `configs` folder next to the package, in a source tree and in an installed
+# wheel alike (pyproject.toml installs it as a top-level package beside diffusion_lm).
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def _config_file_flags(argv) -> list[tuple[str, str]]:
-  """(flag name, file path) of each config-file flag given on the command line."""
+def _config_file_flags(argv) -> list[tuple[int, str, str, str]]:
+  """(argv index, flag name, file path, ":arg" suffix) of each config-file flag on the command line."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections.config_flags import config_flags  # pylint: disable=g-import-not-at-top
   names = [name for name in flags.FLAGS if isinstance(flags.FLAGS[name].parser, config_flags.ConfigFileFlagParser)]
@@ -58,26 +60,46 @@ def _config_file_flags(argv) -> list[tuple[str, str]]:
   for i, arg in enumerate(argv[1:], start=1):
     for name in names:
       if arg.startswith(f"--{name}="):
-        found.append((name, arg.split("=", 1)[1]))
+        found.append((i, name, arg.split("=", 1)[1]))
       elif arg == f"--{name}" and i + 1 < len(argv):
-        found.append((name, argv[i + 1]))
+        found.append((i + 1, name, argv[i + 1]))
   # A path may carry an argument for get_config after a colon: configs/text8.py:small.
-  return [(name, value.split(":", 1)[0]) for name, value in found]
+  return [(i, name, value.split(":", 1)[0], value[len(value.split(":", 1)[0]):]) for i, name, value in found]
 
 
-def check_config_files(argv) -> None:
-  """Raises UserError naming a --config file that does not exist.
+def find_config_file(path: str, flag: str = "config") -> str:
+  """The config file `path` names: the path itself when it is a file, else a shipped config.
 
-  ml_collections defers that failure until the config is first read, which then surfaces as an
-  OSError traceback far from the command line.
+  A shipped config is found by `configs/NAME.py`, `NAME.py` or `NAME` when no such file is under the
+  current folder, so the README's commands work from any folder once the package is installed. Raises
+  UserError when neither exists.
   """
-  for name, path in _config_file_flags(argv):
-    if not os.path.isfile(path):
-      shipped = sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".py") and not f.startswith("_")) \
-          if os.path.isdir(CONFIGS_DIR) else []
-      raise UserError(f"--{name}={path}: {'not a file' if os.path.exists(path) else 'no such file'}; allowed: "
-                      "a Python config file defining get_config()"
-                      + (f", e.g. configs/tiny.py (configs/ holds {', '.join(shipped)})" if shipped else ""))
+  if os.path.isfile(path):
+    return path
+  folder, name = os.path.split(os.path.normpath(path))
+  if folder in ("", "configs") and name and not name.startswith(("_", ".")):
+    shipped = os.path.join(CONFIGS_DIR, name if name.endswith(".py") else name + ".py")
+    if os.path.isfile(shipped):
+      return shipped
+  names = sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".py") and not f.startswith("_")) \
+      if os.path.isdir(CONFIGS_DIR) else []
+  raise UserError(f"--{flag}={path}: {'not a file' if os.path.exists(path) else 'no such file'}; allowed: "
+                  "a Python config file defining get_config()"
+                  + (f", e.g. configs/tiny.py (configs/ holds {', '.join(names)})" if names else ""))
+
+
+def resolve_config_files(argv) -> list[str]:
+  """argv with each --config file path replaced by the file find_config_file finds (UserError if none).
+
+  ml_collections would defer a missing file's failure until the config is first read, which then
+  surfaces as an OSError traceback far from the command line.
+  """
+  argv = list(argv)
+  for i, name, path, suffix in _config_file_flags(argv):
+    found = find_config_file(path, name)
+    if found != path:
+      argv[i] = argv[i][:len(argv[i]) - len(path + suffix)] + found + suffix
+  return argv
 
 
 def parse_flags(argv):
@@ -87,7 +109,7 @@ def parse_flags(argv):
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
-    check_config_files(argv)
+    argv = resolve_config_files(argv)
   except UserError as e:
     _fail(str(e), argv)
   try:
