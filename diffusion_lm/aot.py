@@ -139,7 +139,7 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
-  from diffusion_lm import experiment, sampling, sharding  # pylint: disable=g-import-not-at-top
+  from diffusion_lm import experiment, objectives, sharding  # pylint: disable=g-import-not-at-top
   from diffusion_lm.generation import sampler_config  # pylint: disable=g-import-not-at-top
   from diffusion_lm.model import Transformer  # pylint: disable=g-import-not-at-top
 
@@ -167,18 +167,19 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
     sample_batch = sample_batch or batch
     cfg = sampler_config(config.sampling)
 
-    def run(params, k, x, ids):
-      denoiser = lambda xx, tt: model.apply({"params": params}, xx, tt)
-      return sampling.sample(denoiser, k, x, ids, cfg, schedule=experiment.schedule_from_config(config),
-                             mask_id=mask_id, time_independent=not model.config.time_conditioning).tokens
+    objective = objectives.of_model(model.config)
+
+    def run(params, k, x, ids):  # the objective's own sampler: masked diffusion, block decoding or AR decoding
+      return objective.generate(model, params, k, x, ids, cfg, schedule=experiment.schedule_from_config(config),
+                                mask_id=mask_id, bos_id=0, eos_id=None).tokens
 
     sample_tokens = jax.ShapeDtypeStruct((sample_batch, seq_len), jnp.int32, sharding=sharding.batch_sharding(mesh))
     ids = jax.ShapeDtypeStruct((sample_batch,), jnp.int32, sharding=sharding.batch_sharding(mesh))
-    sampler = forward = None
-    if not model.config.causal:
-      sampler = jax.jit(run, in_shardings=(shardings.params, replicated, sharding.batch_sharding(mesh),
-                                           sharding.batch_sharding(mesh))).lower(
-          abstract_state.params, key, sample_tokens, ids).compile()
+    forward = None
+    sampler = jax.jit(run, in_shardings=(shardings.params, replicated, sharding.batch_sharding(mesh),
+                                         sharding.batch_sharding(mesh))).lower(
+        abstract_state.params, key, sample_tokens, ids).compile()
+    if objective.name == "diffusion":
       # XLA's cost model counts a loop body once: the sampler's time is estimated as T forwards.
       t_B = jax.ShapeDtypeStruct((sample_batch,), jnp.float32, sharding=sharding.batch_sharding(mesh))
       forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(
@@ -206,11 +207,11 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
       "peak_flops_per_chip": peak, "peak_source": peak_source,
       "mfu_estimate": tokens_per_chip * flops_per_token / peak if seconds else 0.0,
   }
-  if sampler is not None:
+  result.update({"objective": objective.name, "sampler": cfg.name, "sampler_steps": cfg.steps,
+                 "sample_batch": sample_batch, "sampler_memory_gib_per_chip": _memory_bytes(sampler) / 2**30})
+  if forward is not None:
     forward_s, _ = estimated_seconds(_cost(forward), chip)
-    result.update({"sampler": cfg.name, "sampler_steps": cfg.steps, "sample_batch": sample_batch,
-                   "sampler_memory_gib_per_chip": _memory_bytes(sampler) / 2**30,
-                   "forward_estimated_s": forward_s, "sampler_estimated_s": cfg.steps * forward_s,
+    result.update({"forward_estimated_s": forward_s, "sampler_estimated_s": cfg.steps * forward_s,
                    "forward_xla_flops": float(_cost(forward).get("flops", 0.0)),
                    "forward_xla_bytes": float(_cost(forward).get("bytes accessed", 0.0))})
   result["fits"] = result["train_memory_gib_per_chip"] <= result["hbm_gib"] and \
@@ -221,7 +222,10 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
       f"{result['xla_bytes_per_chip_step'] / 1e9:.2f} GB accessed per chip, est. ({method}) {seconds * 1e3:.1f} ms/step "
       f"-> {tokens_per_chip:,.0f} tokens/s per chip, MFU ~{result['mfu_estimate']:.0%} of {peak / 1e12:.1f} TFLOP/s "
       f"per chip ({peak_source})")
-  if sampler is not None:
+  if forward is None:
+    log(f"  sampler ({objective.name} decoding, {cfg.name}, batch {sample_batch}): "
+        f"{result['sampler_memory_gib_per_chip']:.2f} GiB per chip")
+  else:
     log(f"  sampler ({cfg.name}, T={cfg.steps}, batch {sample_batch}): "
         f"{result['sampler_memory_gib_per_chip']:.2f} GiB per chip, est. {result['sampler_estimated_s']:.3f} s "
         f"({cfg.steps} forwards of {result['forward_estimated_s'] * 1e3:.2f} ms: {result['forward_xla_flops'] / 1e12:.3f} "

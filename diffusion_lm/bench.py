@@ -32,9 +32,9 @@ Writes OUT/bench.json and OUT/bench.png (quality or latency against speed).
 """
 
 import dataclasses
+import io
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -42,7 +42,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_lm import sampling
+from diffusion_lm import paths, sampling
 from diffusion_lm.errors import UserError, cli_main, parse_flags
 
 FLAGS = flags.FLAGS
@@ -212,17 +212,19 @@ def model_label(run) -> str:
   return "ar" if cfg.causal else f"block L'={cfg.block_size}" if cfg.block_size else "diffusion"
 
 
-def _settings(run, *, steps_list, samplers, block_samplers, block_steps):
-  """(sampler, steps) pairs to time for one model: steps are per block for block-diffusion models."""
+def _settings(run, *, steps_list, samplers, block_samplers, block_steps, approx_caches=("none",)):
+  """(sampler, steps, approx_cache) to time for one model: steps are per block for block-diffusion models;
+  the blocks sampler of a masked-diffusion model runs once per approximate cache."""
   size = run.model.config.block_size
   if not size:
-    return [(name, steps) for name in samplers for steps in steps_list]
-  return [(name, steps) for name in block_samplers for steps in (block_steps or [size])]
+    return [(name, steps, cache) for name in samplers for steps in steps_list
+            for cache in (approx_caches if name == "blocks" else ("none",))]
+  return [(name, steps, "none") for name in block_samplers for steps in (block_steps or [size])]
 
 
 def sampling_rows(runs, *, batches, seq_len: int, steps_list, samplers, repeats: int, block_length: int,
                   threshold: float, block_samplers=("ancestral", "threshold"), block_steps=(), ar_run=None,
-                  judge=None, log=print) -> list[dict]:
+                  judge=None, approx_caches=("none",), log=print) -> list[dict]:
   """Times every (model, sampler, T, batch) of `runs` and the AR decoder of `ar_run`; scores with `judge`.
 
   Each row: seconds, tokens/s, latency per sequence, denoiser calls (forward passes of any width, the
@@ -234,19 +236,20 @@ def sampling_rows(runs, *, batches, seq_len: int, steps_list, samplers, repeats:
   rows = []
   for batch in batches:
     forward_s = {}
-    targets = [(run, name, steps) for run in runs
-               for name, steps in _settings(run, steps_list=steps_list, samplers=samplers,
-                                            block_samplers=block_samplers, block_steps=block_steps)]
+    targets = [(run, *setting) for run in runs
+               for setting in _settings(run, steps_list=steps_list, samplers=samplers, block_samplers=block_samplers,
+                                        block_steps=block_steps, approx_caches=approx_caches)]
     if ar_run is not None:
-      targets.append((ar_run, "ar", seq_len))
-    for target, name, steps in targets:
+      targets.append((ar_run, "ar", seq_len, "none"))
+    for target, name, steps, cache in targets:
       label = model_label(target)
       if label == "diffusion" and id(target) not in forward_s:
         forward_s[id(target)] = forward_seconds(target.model, target.params, target.param_shardings, target.mesh,
                                                 batch, seq_len, target.tokenizer.mask_id)
         log(f"one denoiser forward, batch {batch} x {seq_len}: {forward_s[id(target)] * 1e3:.1f} ms")
       cfg = sampling.SamplerConfig(name="ancestral" if name == "ar" else name, steps=steps,
-                                   block_length=block_length, threshold=threshold)
+                                   block_length=block_length, threshold=threshold, approx_cache=cache)
+      name = name if cache == "none" else f"{name}+{cache}"
       try:
         gen = Generator(target.model, target.schedule, target.tokenizer, target.mesh, target.param_shardings, cfg)
         template = gen.template(seq_len, batch)
@@ -314,8 +317,10 @@ def plot(rows: list[dict], path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  image = io.BytesIO()
+  fig.savefig(image, format="png", dpi=110)
   plt.close(fig)
+  paths.write_bytes(path, image.getvalue())
 
 
 def _fresh_run(config):
@@ -362,6 +367,8 @@ def define_flags():
   flags.DEFINE_list("block_samplers", ["ancestral", "threshold"], "Samplers run inside each block of a "
                     "block-diffusion model.")
   flags.DEFINE_list("block_steps", [], "Steps per block for block-diffusion models (default: the block size).")
+  flags.DEFINE_list("approx_caches", ["none"], "blocks sampler of masked-diffusion models: one row per cache, "
+                    f"comma-separated; choices: {', '.join(sampling.APPROX_CACHES)} (prefix/dual: approximate).")
   flags.DEFINE_string("out", "", "Folder for bench.json and bench.png (default: no files).")
   flags.DEFINE_string("compare_ref", "", "Also time this tree against the package at this git revision (e.g. HEAD~1), "
                       "interleaved in this process: train step, forward, ancestral step (see diffusion_lm/compare.py).")
@@ -434,17 +441,15 @@ def main(argv):
     rows += sampling_rows(runs, batches=batches, seq_len=FLAGS.seq_len, steps_list=steps_list,
                           samplers=FLAGS.samplers, repeats=FLAGS.repeats, block_length=FLAGS.block_length,
                           threshold=FLAGS.threshold, block_samplers=FLAGS.block_samplers, block_steps=block_steps,
-                          ar_run=ar_run, judge=judge, log=log)
+                          ar_run=ar_run, judge=judge, approx_caches=FLAGS.approx_caches, log=log)
   rows.append({"part": "memory", "peak_rss_gib": peak_rss_gib()})
   log(f"peak host memory (RSS): {peak_rss_gib():.2f} GiB")
   if FLAGS.compare_ref:  # after the memory figure, which it would otherwise include
     rows += compare_to_revision(runs[0], batches[0], log)
   if FLAGS.out:
-    os.makedirs(FLAGS.out, exist_ok=True)
-    with open(os.path.join(FLAGS.out, "bench.json"), "w", encoding="utf-8") as f:
-      json.dump(rows, f, indent=1)
-    plot(rows, os.path.join(FLAGS.out, "bench.png"))
-    log(f"wrote {os.path.join(FLAGS.out, 'bench.json')} and bench.png")
+    paths.write_bytes(paths.join(FLAGS.out, "bench.json"), json.dumps(rows, indent=1).encode("utf-8"))
+    plot(rows, paths.join(FLAGS.out, "bench.png"))
+    log(f"wrote {paths.join(FLAGS.out, 'bench.json')} and bench.png")
   sys.stdout.flush()
 
 

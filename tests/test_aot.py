@@ -64,3 +64,15 @@ def test_aot_cli_prints_figures():
                        timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "GiB per chip of 16 GiB HBM" in out.stdout and "fits: yes" in out.stdout
+
+
+@pytest.mark.parametrize("objective, block_size", [("block", 4), ("ar", 0)])
+def test_block_and_ar_configs_compile_their_own_decoders(tiny_config, objective, block_size):
+  from diffusion_lm import aot
+  tiny_config.objective = objective
+  tiny_config.model.block_size = block_size
+  tiny_config.sampling.update(name="threshold" if objective == "block" else "ancestral", steps=4)
+  result = aot.check(tiny_config, "v5e:2x2", log=lambda m: None)
+  assert result["objective"] == objective and result["sampler_memory_gib_per_chip"] > 0
+  # Cached decoding is no T-forward loop: no T x forward estimate is claimed for it.
+  assert "sampler_estimated_s" not in result
