@@ -1,8 +1,15 @@
 """Launch scripts and the Colab notebook, as far as a CPU machine allows."""
 
+import importlib.metadata
 import json
 import os
+import shlex
 import subprocess
+import tarfile
+import tomllib
+
+import pytest
+from packaging.specifiers import SpecifierSet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,15 +35,68 @@ def test_colab_notebook_code_cells_run_on_cpu(tmp_path, monkeypatch, data_cache)
   assert "const frames" in html
 
 
-def test_tpu_vm_script_dry_run():
-  env = {**os.environ, "DRY_RUN": "1"}
-  out = subprocess.run(["bash", "launch/tpu_vm.sh", "train", "tpu1", "zone-a", "configs/text8.py", "/gcs/b/run",
-                        "--config.training.num_steps=10"], cwd=ROOT, env=env, capture_output=True, text=True)
+def _dry_run(*args, **env):
+  """The commands launch/tpu_vm.sh would run, each as an argv list, and its stderr."""
+  out = subprocess.run(["bash", "launch/tpu_vm.sh", *args], cwd=ROOT, env={**os.environ, "DRY_RUN": "1", **env},
+                       capture_output=True, text=True, timeout=60)
   assert out.returncode == 0, out.stderr
-  assert "--worker=all" in out.stdout and "python\\ -m\\ diffusion_lm.train\\ --config=configs/text8.py" in out.stdout
-  assert "--distributed" in out.stdout
-  bad = subprocess.run(["bash", "launch/tpu_vm.sh", "launch", "t", "z"], cwd=ROOT, env=env, capture_output=True,
-                       text=True)
+  return [shlex.split(line) for line in out.stdout.splitlines()], out.stderr
+
+
+def _ssh_command(argv):
+  """The shell command of a `gcloud ... tpu-vm ssh --worker=all --command=...` argv, split into words."""
+  assert argv[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in argv, argv
+  (command,) = [a.split("=", 1)[1] for a in argv if a.startswith("--command=")]
+  return shlex.split(command)
+
+
+@pytest.mark.parametrize("accelerator, runtime", [
+    ("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v6e-8", "v2-alpha-tpuv6e"), ("v5p-16", "v2-alpha-tpuv5"),
+    ("v4-32", "tpu-ubuntu2204-base")])
+def test_tpu_vm_create_picks_the_runtime_for_the_accelerator(accelerator, runtime):
+  (create,), _ = _dry_run("create", "tpu1", "zone-a", accelerator)
+  assert create == ["gcloud", "compute", "tpus", "tpu-vm", "create", "tpu1", "--zone=zone-a",
+                    f"--accelerator-type={accelerator}", f"--version={runtime}"]
+  (create,), _ = _dry_run("create", "tpu1", "zone-a", accelerator, TPU_SOFTWARE_VERSION="custom", TPU_PROJECT="p")
+  assert create[-3:] == ["--project=p", f"--accelerator-type={accelerator}", "--version=custom"]
+
+
+def test_tpu_vm_setup_ships_the_project_and_a_python_jax_accepts(tmp_path):
+  (tar, scp, ssh), _ = _dry_run("setup", "tpu1", "zone-a", TMPDIR=str(tmp_path))
+  tarball = str(tmp_path / "diffusion_lm-tpu1.tgz")
+  assert tar[:3] == ["tar", "-czf", tarball] and scp[-2:] == [tarball, "tpu1:diffusion_lm.tgz"]
+  subprocess.run(tar, check=True, timeout=120)  # the tarball itself: the project without .git and runs
+  members = {m.removeprefix("./") for m in tarfile.open(tarball).getnames()}
+  assert {"pyproject.toml", "requirements-tpu.txt", "diffusion_lm/train.py", "configs/lm1b.py"} <= members
+  assert not [m for m in members if m.split("/")[0] in (".git", "runs") or "__pycache__" in m]
+  words = _ssh_command(ssh)
+  # The venv's Python satisfies both the project's and the installed jax's Requires-Python.
+  python = words[words.index("--python", words.index("venv")) + 1]
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    requires = tomllib.load(f)["project"]["requires-python"]
+  for spec in [requires, importlib.metadata.metadata("jax")["Requires-Python"]]:
+    assert SpecifierSet(spec).contains(python + ".0"), (spec, python)
+  assert not any("gcsfuse" in w for w in words)
+  install = words[words.index("pip", words.index("venv")):]
+  assert install[-2:] == ["-e", ".[tpu]"] and "--python" in install
+  too_old = subprocess.run(["bash", "launch/tpu_vm.sh", "setup", "t", "z"], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "DRY_RUN": "1", "PYTHON_VERSION": "3.10"}, timeout=60)
+  assert too_old.returncode == 2 and "PYTHON_VERSION=3.10; allowed: 3.11 or newer" in too_old.stderr
+
+
+def test_tpu_vm_train_runs_the_same_command_on_every_worker():
+  (ssh,), err = _dry_run("train", "tpu1", "zone-a", "configs/text8.py", "gs://b/run", "--config.training.num_steps=10")
+  words = _ssh_command(ssh)
+  assert words[:3] == ["cd", "~/diffusion_lm", "&&"] and err == ""
+  assert words[3:] == ["~/.venvs/diffusion_lm/bin/python", "-m", "diffusion_lm.train", "--config=configs/text8.py",
+                       "--workdir=gs://b/run", "--distributed", "--config.training.num_steps=10"]
+  (ssh,), _ = _dry_run("train", "tpu1", "zone-a", "configs/text8.py", "gs://b/run")
+  assert _ssh_command(ssh)[-1] == "--distributed"  # no stray empty argument without overrides
+  (ssh,), err = _dry_run("train", "tpu1", "zone-a", "configs/text8.py", "/tmp/run", BACKGROUND="1")
+  assert _ssh_command(ssh)[3] == "nohup" and _ssh_command(ssh)[-6:] == [">", "train.log", "2>&1", "<", "/dev/null", "&"]
+  assert "not gs://" in err
+  bad = subprocess.run(["bash", "launch/tpu_vm.sh", "launch", "t", "z"], cwd=ROOT, env={**os.environ, "DRY_RUN": "1"},
+                       capture_output=True, text=True)
   assert bad.returncode == 2 and "unknown command 'launch'" in bad.stderr
 
 
