@@ -207,9 +207,14 @@ def forward_seconds(model, params, param_shardings, mesh, batch: int, seq_len: i
 
 
 def model_label(run) -> str:
-  """What a row's model is: diffusion, block L'=n or ar."""
+  """What a row's model is: diffusion, block L'=n or ar; a distilled student (diffusion_lm.distill) adds
+  "student N->M" (its first teacher's step count -> its own)."""
   cfg = run.model.config
-  return "ar" if cfg.causal else f"block L'={cfg.block_size}" if cfg.block_size else "diffusion"
+  label = "ar" if cfg.causal else f"block L'={cfg.block_size}" if cfg.block_size else "diffusion"
+  record = run.config.get("distill") if hasattr(run.config, "get") else None
+  if record and record.get("rounds_done"):
+    label += f" student {record.start_steps}->{record.student_steps}"
+  return label
 
 
 def _settings(run, *, steps_list, samplers, block_samplers, block_steps, approx_caches=("none",)):
@@ -243,7 +248,7 @@ def sampling_rows(runs, *, batches, seq_len: int, steps_list, samplers, repeats:
       targets.append((ar_run, "ar", seq_len, "none"))
     for target, name, steps, cache in targets:
       label = model_label(target)
-      if label == "diffusion" and id(target) not in forward_s:
+      if label.startswith("diffusion") and id(target) not in forward_s:
         forward_s[id(target)] = forward_seconds(target.model, target.params, target.param_shardings, target.mesh,
                                                 batch, seq_len, target.tokenizer.mask_id)
         log(f"one denoiser forward, batch {batch} x {seq_len}: {forward_s[id(target)] * 1e3:.1f} ms")
@@ -265,7 +270,7 @@ def sampling_rows(runs, *, batches, seq_len: int, steps_list, samplers, repeats:
              "latency_per_sequence_s": seconds / batch, "compile_s": compile_s, "denoiser_calls": calls,
              "tokens_per_call": seq_len / max(calls, 1), "ms_per_call": seconds / max(calls, 1) * 1e3,
              "mean_steps_used": float(out.steps_used.mean()), "mean_length": float(out.lengths.mean())}
-      if label == "diffusion":
+      if label.startswith("diffusion"):
         row["forward_s"] = forward_s[id(target)]
         row["overhead_vs_calls"] = seconds / (max(calls, 1) * forward_s[id(target)])
       if judge is not None:

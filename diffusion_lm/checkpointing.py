@@ -5,16 +5,15 @@ directory and renames it when complete, so a kill during a save never leaves a c
 `latest_step()` would pick up; saves are asynchronous, and `close()` waits for the last one.
 """
 
-import os
-
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from diffusion_lm import paths
 from diffusion_lm.errors import UserError
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return paths.join(workdir, "checkpoints")
 
 
 def make_manager(workdir: str, save_every: int = 1, keep: int = 3, read_only: bool = False):
@@ -50,12 +49,27 @@ class _LoadingManager(ocp.CheckpointManager):
     raise RuntimeError(f"checkpoint manager opened for loading only; cannot delete step {step}")
 
 
-def save(manager, step: int, state, data_state: dict, config_dict: dict, force: bool = False) -> bool:
+def save(manager, step: int, state, data_state: dict, config_dict: dict, force: bool = False,
+         trees: dict | None = None, records: dict | None = None) -> bool:
+  """Saves a step; `trees` (name -> pytree of arrays) and `records` (name -> JSON dict) are extra
+  items beside the state (distillation: the teacher's parameters and the round reached)."""
+  items = {name: ocp.args.StandardSave(tree) for name, tree in (trees or {}).items()}
+  items.update({name: ocp.args.JsonSave(record) for name, record in (records or {}).items()})
   return manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data_iter=ocp.args.JsonSave(data_state),
       config=ocp.args.JsonSave(config_dict),
+      **items,
   ), force=force)
+
+
+def restore_items(manager, step: int, trees: dict | None = None, records=()) -> dict:
+  """Restores extra items saved with `save(trees=, records=)`: {name: value}; trees into the given
+  abstract (sharded) pytrees."""
+  items = {name: ocp.args.StandardRestore(abstract) for name, abstract in (trees or {}).items()}
+  items.update({name: ocp.args.JsonRestore() for name in records})
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return {name: restored[name] for name in items}
 
 
 def restore(manager, step: int, abstract_state):
@@ -69,7 +83,7 @@ def restore(manager, step: int, abstract_state):
 
 def read_saved_config(workdir: str):
   """(latest step, saved config dict) of the workdir's checkpoints, or (None, None)."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not paths.isdir(checkpoint_dir(workdir)):
     return None, None
   manager = make_manager(workdir, read_only=True)
   try:

@@ -12,7 +12,6 @@ windows_scored, windows_in_split, tokens_scored, chars_scored.
 
 import json
 import math
-import os
 import sys
 
 from absl import app, flags
@@ -49,38 +48,19 @@ def main(argv):
     raise UserError(f"unexpected arguments {argv[1:]}; allowed: flags only")
   if not FLAGS.workdir:
     raise UserError("--workdir is required: the training workdir to evaluate")
-  from diffusion_lm import experiment, objectives  # pylint: disable=g-import-not-at-top
+  from diffusion_lm import api, experiment  # pylint: disable=g-import-not-at-top
   trained = experiment.load_trained(FLAGS.workdir, use_ema=not FLAGS.raw_params)
   config = trained.config
-  split = FLAGS.split or config.data.eval_split
-  eval_config = config.evaluation
-  for name in ("max_batches", "num_t_samples", "seed", "discrete_steps"):
-    if getattr(FLAGS, name) is not None:
-      eval_config[name] = getattr(FLAGS, name)
-  windows, _ = experiment.load_windows(config, FLAGS.workdir, trained.tokenizer, split)
-  evaluator = experiment.Evaluator(trained.model, trained.schedule, trained.tokenizer.mask_id, trained.mesh,
-                                   trained.param_shardings, eval_config, config.objective,
-                                   trained.tokenizer.eos_id)
-  result = evaluator(trained.params, windows)
-  record = {
-      **result,
-      "split": split,
-      "checkpoint_step": trained.step,
-      "params": "raw" if FLAGS.raw_params else "ema",
-      "objective": config.objective,
-      "bound": objectives.get(config.objective).bound,
-      "schedule": trained.schedule.bound_schedule.name,
-      "num_t_samples": eval_config.num_t_samples,
-      "seed": eval_config.seed,
-  }
+  record = api.evaluate(trained, FLAGS.workdir, split=FLAGS.split, max_batches=FLAGS.max_batches,
+                        num_t_samples=FLAGS.num_t_samples, seed=FLAGS.seed, discrete_steps=FLAGS.discrete_steps,
+                        raw_params=FLAGS.raw_params)
   if FLAGS.judge_workdir and not FLAGS.num_gen_samples:
     raise UserError("--judge_workdir needs --num_gen_samples=N (N >= 1) samples to score")
   if FLAGS.num_gen_samples:
     record.update(_generated_sample_metrics(trained, config))
   line = json.dumps(record)
   if jax.process_index() == 0:
-    with open(os.path.join(FLAGS.workdir, "eval.jsonl"), "a", encoding="utf-8") as f:
-      f.write(line + "\n")
+    api.append_eval_record(FLAGS.workdir, record)
     print(line, flush=True)
   sys.stdout.flush()
 
@@ -88,13 +68,10 @@ def main(argv):
 def _generated_sample_metrics(trained, config) -> dict:
   """Unigram entropy of N samples (per sequence, averaged; and pooled) and, with a judge, their
   generative perplexity under it."""
-  from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
-  from diffusion_lm.generation import Generator, sampler_config  # pylint: disable=g-import-not-at-top
-  cfg = sampler_config(config.sampling, name=FLAGS.sampler, steps=FLAGS.gen_steps)
-  generator = Generator(trained.model, trained.schedule, trained.tokenizer, trained.mesh,
-                        trained.param_shardings, cfg)
-  template = generator.template(config.data.seq_len, FLAGS.num_gen_samples)
-  samples = generator(trained.params, template, FLAGS.gen_seed).tokens
+  from diffusion_lm import api, experiment  # pylint: disable=g-import-not-at-top
+  generation = api.generate_tokens(trained, num_samples=FLAGS.num_gen_samples, seq_len=config.data.seq_len,
+                                   seed=FLAGS.gen_seed, sampler=FLAGS.sampler, steps=FLAGS.gen_steps)
+  cfg, samples = generation.sampler, generation.output.tokens
   out = {
       "num_gen_samples": FLAGS.num_gen_samples,
       "sampler": "ar" if trained.model.config.causal else cfg.name,

@@ -84,41 +84,16 @@ def main(argv):
     raise UserError("--workdir is required: the training workdir to sample from")
   if FLAGS.num_samples < 1:
     raise UserError(f"--num_samples={FLAGS.num_samples}; allowed: an integer >= 1")
-  from diffusion_lm import experiment, visualize  # pylint: disable=g-import-not-at-top
-  from diffusion_lm.generation import Generator, sampler_config  # pylint: disable=g-import-not-at-top
-  overrides = {name: getattr(FLAGS, name) for name in _OVERRIDES}
-  overrides["name"] = FLAGS.sampler
+  from diffusion_lm import api, experiment, visualize  # pylint: disable=g-import-not-at-top
   trained = experiment.load_trained(FLAGS.workdir, use_ema=not FLAGS.raw_params)
-  cfg = sampler_config(trained.config.sampling, **overrides)
   model_config = trained.model.config
-  # Causal and block-diffusion models decode with a sliding key/value cache: any length.
-  cached = model_config.causal or model_config.block_size
-  max_len = model_config.max_len
-  seq_len = trained.config.data.seq_len if FLAGS.seq_len is None else FLAGS.seq_len
-  if FLAGS.max_new_tokens is not None:
-    if FLAGS.seq_len is not None or FLAGS.suffix or FLAGS.infill:
-      raise UserError("--max_new_tokens sets the length after the prompt; allowed: with --prompt only (no "
-                      "--seq_len, --suffix or --infill)")
-    if FLAGS.max_new_tokens < 1:
-      raise UserError(f"--max_new_tokens={FLAGS.max_new_tokens}; allowed: an integer >= 1")
-    seq_len = len(trained.tokenizer.encode(FLAGS.prompt)) + FLAGS.max_new_tokens if FLAGS.prompt else \
-        FLAGS.max_new_tokens
-    if model_config.block_size:
-      seq_len = -(-seq_len // model_config.block_size) * model_config.block_size
-  if seq_len < 1 or (seq_len > max_len and not cached):
-    what = f"--seq_len={seq_len}" if FLAGS.max_new_tokens is None else f"prompt + --max_new_tokens = {seq_len}"
-    raise UserError(f"{what}; allowed: 1 to the model's max_len={max_len} (only AR and block-diffusion models "
-                    "generate past it)")
-  trajectory = bool(FLAGS.show or FLAGS.html)
-  generator = Generator(trained.model, trained.schedule, trained.tokenizer, trained.mesh,
-                        trained.param_shardings, cfg, return_trajectory=trajectory)
-  tokens = generator.template(seq_len, FLAGS.num_samples, prompt=FLAGS.prompt, suffix=FLAGS.suffix,
-                              infill=FLAGS.infill)
-  out = generator(trained.params, tokens, FLAGS.seed)
-  texts = generator.decode([row[:n] for row, n in zip(out.tokens, out.lengths)])
-  per = f" per {model_config.block_size}-token block" if model_config.block_size else ""
-  meta = (f"{FLAGS.num_samples} samples, {seq_len} tokens, {cfg.name} sampler, {cfg.steps} steps{per}"
-          f"{' (max)' if cfg.name == 'threshold' else ''}, seed {FLAGS.seed}, checkpoint step {trained.step}")
+  cached = model_config.causal or model_config.block_size  # lengths vary: each sample says its own
+  gen = api.generate_tokens(trained, prompt=FLAGS.prompt, suffix=FLAGS.suffix, infill=FLAGS.infill,
+                            num_samples=FLAGS.num_samples, seq_len=FLAGS.seq_len, max_new_tokens=FLAGS.max_new_tokens,
+                            seed=FLAGS.seed, sampler=FLAGS.sampler, return_trajectory=bool(FLAGS.show or FLAGS.html),
+                            **{name: getattr(FLAGS, name) for name in _OVERRIDES})
+  out, texts, tokens, cfg = gen.output, gen.texts, gen.template, gen.sampler
+  meta = gen.describe(model_config)
   if FLAGS.show:
     visualize.show_in_terminal(trained.tokenizer, tokens, out.trajectory)
   if FLAGS.html:

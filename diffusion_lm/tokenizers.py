@@ -204,12 +204,15 @@ class HFTokenizer:
   once). `encode` adds no special tokens (the data pipeline places end-of-document ids itself).
   `eos_id` is the end-of-document token (`eos_token`, or the first of HF_EOS_TOKENS the vocabulary
   has); `bos_id` and `vocab_mask_id` are the vocabulary's own begin token and mask token, or None.
-  The diffusion [MASK] stays `mask_id` = vocab_size, one past the file's largest id.
+  The diffusion [MASK] stays `mask_id` = vocab_size, one past the file's largest id, unless a converted
+  checkpoint names its own (`mask_token`, e.g. LLaDA's <|mdm_mask|>: mask_id is then that token's id,
+  inside the vocabulary). `vocab_size` (a converted checkpoint's embedding rows, often more than the
+  file's ids) raises the vocabulary to the model's; ids without a token decode to nothing.
   """
 
   kind = "hf"
 
-  def __init__(self, tokenizer_json: bytes, eos_token: str = ""):
+  def __init__(self, tokenizer_json: bytes, eos_token: str = "", mask_token: str = "", vocab_size: int = 0):
     try:
       import tokenizers as hf_tokenizers  # pylint: disable=g-import-not-at-top
     except ImportError:
@@ -222,8 +225,11 @@ class HFTokenizer:
                       "tokenizer.json written by the tokenizers library (e.g. from the model's hub page)") from None
     self.tokenizer_json = tokenizer_json
     vocab = self.tok.get_vocab(with_added_tokens=True)
-    self.vocab_size = max(vocab.values()) + 1
-    self.mask_id = self.vocab_size
+    self.vocab_size = max(max(vocab.values()) + 1, int(vocab_size))
+    if mask_token and mask_token not in vocab:
+      raise UserError(f"mask token {mask_token!r} is not in the tokenizer.json; allowed: one of its tokens")
+    self.mask_token = mask_token
+    self.mask_id = vocab[mask_token] if mask_token else self.vocab_size
     self.special_tokens = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
     if eos_token:
       if eos_token not in vocab:
@@ -305,7 +311,17 @@ class HFTokenizer:
     return counts
 
   def fingerprint(self) -> str:
-    return hashlib.sha256(self.tokenizer_json + b"\0" + self.eos_token.encode()).hexdigest()[:16]
+    settings = self.settings()
+    extra = json.dumps(settings, sort_keys=True).encode() if len(settings) > 1 else b""
+    return hashlib.sha256(self.tokenizer_json + b"\0" + self.eos_token.encode() + extra).hexdigest()[:16]
+
+  def settings(self) -> dict:
+    """What tokenizer_config.json keeps besides the tokenizer.json: the eos choice, and a converted
+    checkpoint's own mask token and vocabulary size."""
+    settings = {"eos_token": self.eos_token}
+    if self.mask_token or self.vocab_size > max(self.tok.get_vocab(with_added_tokens=True).values()) + 1:
+      settings.update({"mask_token": self.mask_token, "vocab_size": self.vocab_size})
+    return settings
 
 
 TOKENIZER_FILES = {"char": "tokenizer.json", "sentencepiece": "tokenizer.model", "hf": "tokenizer.json"}
@@ -319,7 +335,7 @@ def save_tokenizer(tokenizer, directory: str) -> str:
   if tokenizer.kind == "hf":
     # The eos choice first: a tokenizer.json without it reloads with the default eos token.
     atomic_write_bytes(paths.join(directory, HF_CONFIG_FILE),
-                       json.dumps({"eos_token": tokenizer.eos_token}).encode())
+                       json.dumps(tokenizer.settings()).encode())
     atomic_write_bytes(path, tokenizer.tokenizer_json)
     return path
   data = tokenizer.to_json() if tokenizer.kind == "char" else tokenizer.model_proto
@@ -336,12 +352,16 @@ def load_tokenizer(directory: str):
     payload = json.loads(raw)
     if payload.get("kind") == "char":
       return CharTokenizer(list(payload["chars"]))
-    eos_token = ""
+    eos_token, settings = "", {}
     if paths.exists(paths.join(directory, HF_CONFIG_FILE)):
-      eos_token = json.loads(paths.read_bytes(paths.join(directory, HF_CONFIG_FILE))).get("eos_token") or ""
+      settings = json.loads(paths.read_bytes(paths.join(directory, HF_CONFIG_FILE)))
+      eos_token = settings.get("eos_token") or ""
       if isinstance(eos_token, dict):  # Hugging Face's AddedToken form
         eos_token = eos_token.get("content", "")
-    return HFTokenizer(raw, eos_token)
+    # mask_token / vocab_size: only a converted checkpoint's (convert.py writes them; a Hugging Face
+    # folder's own tokenizer_config.json has a mask_token too, but this project's [MASK] stays outside).
+    mask_token = (settings.get("mask_token") or "") if "vocab_size" in settings else ""
+    return HFTokenizer(raw, eos_token, mask_token, int(settings.get("vocab_size") or 0))
   if paths.exists(sp_path):
     return SentencePieceTokenizer(paths.read_bytes(sp_path))
   return None

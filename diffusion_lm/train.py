@@ -16,12 +16,12 @@ import jax
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from diffusion_lm import checkpointing, experiment, sharding
+from diffusion_lm import checkpointing, experiment, paths, sharding
 from diffusion_lm.errors import UserError, cli_main, parse_flags
 from diffusion_lm.metrics import MetricWriter
+from diffusion_lm.profiling import StepProfiler
 from diffusion_lm.model import Transformer
 from diffusion_lm.generation import Generator, sampler_config
-from diffusion_lm.tokenizers import atomic_write_bytes
 
 
 class _Preemption:
@@ -54,7 +54,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   """
   # ------------------------------------------------------------------ config, workdir, resume check
   experiment.check_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)  # a gs:// workdir stays one (never made a local folder)
   _check_writable(workdir)
   saved_step, saved_config = checkpointing.read_saved_config(workdir)
 
@@ -92,7 +92,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     state = experiment.init_state(model, tx, mesh, jax.random.key(config.seed), config.data.seq_len,
                                   shardings)
     if jax.process_index() == 0:
-      atomic_write_bytes(os.path.join(workdir, "config.json"), json.dumps(config_dict, indent=2).encode())
+      paths.write_bytes(paths.join(workdir, "config.json"), json.dumps(config_dict, indent=2).encode())
   start_step = int(state.step)
   _log(f"model: {experiment.param_count(state.params):,} parameters, vocab {tokenizer.vocab_size} "
        f"({tokenizer.kind}), mesh {dict(mesh.shape)}, {train_windows.__len__():,} train sequences of "
@@ -110,7 +110,8 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
                                           prompt=config.sampling.prompt)
 
   # ------------------------------------------------------------------ loop
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, wandb_project=t.get("wandb_project", ""), run_config=config_dict)
+  profiler = StepProfiler(t.get("profile_steps", ()), workdir, log=_log)
   preemption = _Preemption()
   multi_process = jax.process_count() > 1
   if not multi_process:
@@ -164,7 +165,9 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
       for step in range(start_step, t.num_steps):
         rows = next(data_iter)
         batch = sharding.global_batch_from_local(rows, mesh)
+        profiler.before_step(step + 1)
         state, metrics = step_fn(state, batch, train_key)
+        profiler.after_step(step + 1, metrics)
         if pending is not None:
           consume(*pending)
         pending = (step + 1, metrics)
@@ -203,6 +206,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
         consume(*pending)
     finally:
       bar.close()
+      profiler.close()
       try:
         manager.wait_until_finished()
         manager.close()
@@ -216,11 +220,9 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
 def _check_writable(workdir: str) -> None:
   """Fails early, in one line, when the workdir cannot be created or written."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    probe = paths.join(workdir, f".write-probe-{jax.process_index()}-{os.getpid()}")
+    paths.write_bytes(probe, b"ok")
+    paths.remove(probe)
   except OSError as e:
     raise UserError(f"workdir {workdir!r} is not writable ({e.strerror or e}); allowed: a directory this "
                     "process can create and write") from None
@@ -248,8 +250,7 @@ def _write_samples(generator, params, template, config, workdir, step, writer):
     how = f"{cfg.name} sampler, {cfg.steps} steps{per_block}"
   body = "\n".join(f"--- sample {i} (step {step}, {how}) ---\n{text}"
                    for i, text in enumerate(texts))
-  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-  atomic_write_bytes(os.path.join(workdir, "samples", f"step_{step:07d}.txt"), body.encode())
+  paths.write_bytes(paths.join(workdir, "samples", f"step_{step:07d}.txt"), body.encode())
   writer.write_text(step, "samples", body)
   _log(f"samples at step {step}:\n{body}")
 

@@ -248,7 +248,7 @@ def test_sample_and_evaluate_cli(trained_workdir):
 @pytest.mark.parametrize("args, message", [
     (["--steps=0"], "steps=0; allowed: an integer >= 1"),
     (["--prompt=" + "x" * 40], "prompt is 40 tokens, longer than seq_len=32"),
-    (["--seq_len=64"], "--seq_len=64; allowed: 1 to the model's max_len=32"),
+    (["--seq_len=64"], "seq_len=64; allowed: 1 to the model's max_len=32"),
     (["--prompt=\u00e9t\u00e9"], "not in the character vocabulary"),
     (["--sampler=blocks", "--block_length=5"], "block_length=5 does not divide the sequence length 32"),
     (["--sampler=threshold", "--threshold=1.5"], "threshold=1.5; allowed: 0 < threshold <= 1"),
