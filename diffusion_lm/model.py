@@ -17,6 +17,12 @@ import jax.numpy as jnp
 from diffusion_lm.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "gelu", "gelu_tanh")
+POSITIONS = ("rope", "learned")
+ROPE_SCALINGS = ("", "linear", "llama3")
+# Logit of an in-vocabulary [MASK] (model.mask_token_id): finite, so that p log p stays 0, not NaN.
+MASK_LOGIT = -1e9
 # einsum: `dot_attention` (heads-major einsums, deferred softmax normalisation, q and k rotated in one
 # pass); xla / cudnn: jax.nn.dot_product_attention with that implementation (cudnn: NVIDIA GPUs,
 # bfloat16 only); auto: einsum on CPUs, jax.nn's own choice elsewhere (decided where the program is
@@ -44,6 +50,23 @@ class ModelConfig:
   remat: bool = False
   rope_base: float = 10000.0
   attention_impl: str = "auto"  # how attention is computed (see ATTENTION_IMPLS); never changes the parameters
+  # Families imported from Hugging Face checkpoints (diffusion_lm/convert.py): LLaMA / LLaDA, Qwen2 / Dream,
+  # GPT-2. The defaults are this project's own network, parameter tree included.
+  num_kv_heads: int = 0  # key/value heads, grouped-query attention (divides num_heads); 0 = num_heads
+  qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2, GPT-2)
+  linear_bias: bool = False  # biases on the attention output and the MLP projections (GPT-2; GELU MLPs only)
+  norm: str = "rmsnorm"  # rmsnorm | layernorm (with a bias)
+  norm_eps: float = 1e-6  # added to the variance inside every norm
+  mlp: str = "swiglu"  # swiglu | gelu | gelu_tanh (GELU MLPs: wi then wo)
+  position: str = "rope"  # rope | learned (an added table of max_len positions, GPT-2)
+  rope_scaling: str = ""  # "" | linear | llama3: rotary frequencies stretched for long contexts
+  rope_scaling_factor: float = 1.0  # linear, llama3: how much longer the contexts are
+  rope_low_freq_factor: float = 1.0  # llama3
+  rope_high_freq_factor: float = 4.0  # llama3
+  rope_original_max_len: int = 8192  # llama3: the context length the frequencies were trained at
+  tie_embeddings: bool = False  # the output head is the input embedding table transposed (no "head" kernel)
+  mask_token_id: int = -1  # a [MASK] inside the vocabulary (LLaDA, Dream): never predicted; -1: [MASK] = vocab_size
+  shift_logits: bool = False  # the network's output at i predicts token i + 1 (Dream); logits come out aligned
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim", "max_len"):
@@ -57,6 +80,32 @@ class ModelConfig:
       raise UserError(f"model.dtype={self.dtype!r}; allowed: {', '.join(DTYPES)}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise UserError(f"model.attention_impl={self.attention_impl!r}; allowed: {', '.join(ATTENTION_IMPLS)}")
+    self._check_family_fields()
+
+  def _check_family_fields(self):
+    """The fields of imported families (see the class body), each with a one-line error."""
+    if not isinstance(self.num_kv_heads, int) or self.num_kv_heads < 0 or (
+        self.num_kv_heads and self.num_heads % self.num_kv_heads):
+      raise UserError(f"model.num_kv_heads={self.num_kv_heads!r} with num_heads={self.num_heads}; allowed: 0 "
+                      "(= num_heads) or a divisor of num_heads")
+    for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS), ("rope_scaling", ROPE_SCALINGS)):
+      if getattr(self, name) not in allowed:
+        raise UserError(f"model.{name}={getattr(self, name)!r}; allowed: {', '.join(repr(a) for a in allowed)}")
+    if self.linear_bias and self.mlp == "swiglu":
+      raise UserError("model.linear_bias=True with mlp='swiglu'; allowed: linear_bias with a GELU MLP (GPT-2)")
+    if not -1 <= self.mask_token_id < self.vocab_size:
+      raise UserError(f"model.mask_token_id={self.mask_token_id!r}; allowed: -1 ([MASK] = vocab_size) or an id "
+                      f"below vocab_size={self.vocab_size}")
+    if self.shift_logits and (self.causal or self.block_size):
+      raise UserError("model.shift_logits=True with causal or block attention; allowed: shift_logits only for "
+                      "bidirectional (masked diffusion) models")
+    if not self.norm_eps > 0 or not self.rope_scaling_factor >= 1:
+      raise UserError(f"model.norm_eps={self.norm_eps}, rope_scaling_factor={self.rope_scaling_factor}; allowed: "
+                      "norm_eps > 0 and rope_scaling_factor >= 1")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
 
   @property
   def head_dim(self) -> int:
@@ -71,7 +120,9 @@ class ModelConfig:
     see Transformer). The input embedding is a
     lookup (no FLOPs), and the per-sequence time conditioning is left out (not per token).
     """
-    n = self.num_layers * (4 * self.d_model**2 + 3 * self.d_model * self.mlp_dim) + self.d_model * self.vocab_size
+    attention_params = 2 * self.d_model**2 + 2 * self.d_model * self.kv_heads * self.head_dim
+    mlp_params = (3 if self.mlp == "swiglu" else 2) * self.d_model * self.mlp_dim
+    n = self.num_layers * (attention_params + mlp_params) + self.d_model * self.vocab_size
     attention = 2 * 2 * self.num_layers * seq_len * self.d_model
     return (3 if training else 1) * (2 * n + attention)
 
@@ -97,6 +148,58 @@ class RMSNorm(nn.Module):
     x = x_BxLxD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
     return (x * scale).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with a scale and a bias, computed in float32 (GPT-2's)."""
+
+  dtype: jnp.dtype = jnp.float32
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    dim = x_BxLxD.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (dim,))
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (dim,))
+    x = x_BxLxD.astype(jnp.float32)
+    x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * scale + bias).astype(self.dtype)
+
+
+def make_norm(cfg: "ModelConfig", name: str):
+  """The configured norm (model.norm, model.norm_eps) under `name`."""
+  return (RMSNorm if cfg.norm == "rmsnorm" else LayerNorm)(DTYPES[cfg.dtype], cfg.norm_eps, name=name)
+
+
+def rope_inv_freq(cfg: "ModelConfig"):
+  """float32[head_dim / 2] rotary frequencies, stretched by model.rope_scaling (linear: all divided by
+  the factor; llama3: long wavelengths divided, short ones kept, a smooth blend between)."""
+  dim = cfg.head_dim
+  inv_freq = 1.0 / cfg.rope_base**(jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+  if cfg.rope_scaling == "linear":
+    return inv_freq / cfg.rope_scaling_factor
+  if cfg.rope_scaling == "llama3":
+    wavelen = 2 * jnp.pi / inv_freq
+    # Position in [0, 1] between the long-wavelength end (0: divided) and the short end (1: kept).
+    blend = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    blend = jnp.clip(blend, 0.0, 1.0)
+    return (1 - blend) * inv_freq / cfg.rope_scaling_factor + blend * inv_freq
+  return inv_freq
+
+
+def position_tables(cfg: "ModelConfig", positions_L):
+  """The (cos_LxD, sin_LxD) tables the blocks rotate queries and keys by: rotary ones, or for learned
+  positions the identity (cos 1, sin 0), so that every attention path serves both."""
+  if cfg.position == "learned":
+    ones = jnp.ones((positions_L.shape[0], cfg.head_dim), jnp.float32)
+    return ones, jnp.zeros_like(ones)
+  if not cfg.rope_scaling:
+    return rope_tables(positions_L, cfg.head_dim, cfg.rope_base)
+  angles_LxD2 = positions_L.astype(jnp.float32)[:, None] * rope_inv_freq(cfg)[None, :]
+  cos, sin = jnp.cos(angles_LxD2), jnp.sin(angles_LxD2)
+  return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([-sin, sin], axis=-1)
 
 
 def rope_tables(positions_L, head_dim: int, base: float):
@@ -181,47 +284,75 @@ class Block(nn.Module):
     else:
       shift1 = scale1 = gate1 = shift2 = scale2 = gate2 = 0.0
 
-    h = RMSNorm(dtype, name="attn_norm")(x_BxLxD) * (1 + scale1) + shift1
-    init = _dense_init(("embed", "heads", "kv"))
-    shape = (cfg.d_model, cfg.num_heads, cfg.head_dim)
-    w_qkv = [self.param(name, init, shape).astype(dtype) for name in ("query", "key", "value")]
+    h = make_norm(cfg, "attn_norm")(x_BxLxD) * (1 + scale1) + shift1
+    w_qkv, b_qkv = self._qkv_params(dtype)
     fuse = _fuse_kernels(x_BxLxD.shape[0] * x_BxLxD.shape[1], cfg.d_model)
     if decode:
-      attn = self._cached_attention(_project_qkv(h, w_qkv, fuse), commit)
+      attn = self._cached_attention(_project_qkv(h, w_qkv, fuse, b_qkv), commit)
     elif approx_cache:
-      attn = self._approx_cached_attention(_project_qkv(h, w_qkv, fuse), rope, positions_L, approx_cache)
+      attn = self._approx_cached_attention(_project_qkv(h, w_qkv, fuse, b_qkv), rope, positions_L, approx_cache)
     else:
       if positions_L is None:
         positions_L = jnp.arange(x_BxLxD.shape[1])
       if rope is None:
-        rope = rope_tables(positions_L, cfg.head_dim, cfg.rope_base)
+        rope = position_tables(cfg, positions_L)
       einsum_path = functools.partial(_attention_einsum, rope=rope, mask_QxK=mask_QxK, causal=cfg.causal, fuse=fuse)
-      jax_path = functools.partial(_attention_jax, positions_L=positions_L, rope_base=cfg.rope_base, mask_QxK=mask_QxK,
-                                   causal=cfg.causal,
+      jax_path = functools.partial(_attention_jax, rope=rope, mask_QxK=mask_QxK, causal=cfg.causal,
                                    implementation=None if cfg.attention_impl == "auto" else cfg.attention_impl)
       if cfg.attention_impl == "auto":
         # Chosen where the program is lowered (an ahead-of-time TPU compile on a CPU host takes `default`):
         # the einsum path is the faster on CPUs; on TPUs XLA fuses the jax.nn path into fewer HBM bytes.
-        attn = jax.lax.platform_dependent(h, *w_qkv, cpu=einsum_path, default=jax_path)
+        attn = jax.lax.platform_dependent(h, *w_qkv, *b_qkv, cpu=einsum_path, default=jax_path)
       else:
-        attn = (einsum_path if cfg.attention_impl == "einsum" else jax_path)(h, *w_qkv)
+        attn = (einsum_path if cfg.attention_impl == "einsum" else jax_path)(h, *w_qkv, *b_qkv)
     w_out = self.param("out", _dense_init(("heads", "kv", "embed")), (cfg.num_heads, cfg.head_dim, cfg.d_model))
     attn = jnp.einsum("blhk,hkd->bld", attn, w_out.astype(dtype))
+    if cfg.linear_bias:
+      attn = attn + self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                               (cfg.d_model,)).astype(dtype)
     x_BxLxD = x_BxLxD + attn * (1 + gate1)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
 
-    h = RMSNorm(dtype, name="mlp_norm")(x_BxLxD) * (1 + scale2) + shift2
-    w_in = [Kernel((cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), name=name)().astype(dtype)
-            for name in ("wi_gate", "wi_up")]
-    # Gate and up projections in one matmul where that is the faster (CPUs, many tokens); XLA:TPU fuses
-    # the separate ones into fewer HBM bytes.
-    h = jax.lax.platform_dependent(h, *w_in, cpu=functools.partial(_gated_mlp_in, fuse=fuse),
-                                   default=functools.partial(_gated_mlp_in, fuse=False))
+    h = make_norm(cfg, "mlp_norm")(x_BxLxD) * (1 + scale2) + shift2
+    if cfg.mlp == "swiglu":
+      w_in = [Kernel((cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), name=name)().astype(dtype)
+              for name in ("wi_gate", "wi_up")]
+      # Gate and up projections in one matmul where that is the faster (CPUs, many tokens); XLA:TPU fuses
+      # the separate ones into fewer HBM bytes.
+      h = jax.lax.platform_dependent(h, *w_in, cpu=functools.partial(_gated_mlp_in, fuse=fuse),
+                                     default=functools.partial(_gated_mlp_in, fuse=False))
+    else:
+      h = nn.Dense(cfg.mlp_dim, dtype=dtype, use_bias=cfg.linear_bias, name="wi",
+                   kernel_init=_dense_init(("embed", "mlp")),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(h)
+      h = nn.gelu(h, approximate=cfg.mlp == "gelu_tanh")
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    h = nn.Dense(cfg.d_model, dtype=dtype, use_bias=False, name="wo",
-                 kernel_init=_dense_init(("mlp", "embed")))(h)
+    h = nn.Dense(cfg.d_model, dtype=dtype, use_bias=cfg.linear_bias, name="wo",
+                 kernel_init=_dense_init(("mlp", "embed")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h)
     x_BxLxD = x_BxLxD + h * (1 + gate2)
     return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+
+  def _qkv_params(self, dtype):
+    """([w_q, w_k, w_v] each [D_model, H, D], biases [b_q, b_k, b_v] each [H, D] or none) in `dtype`.
+
+    With grouped-query attention (num_kv_heads < num_heads) the key/value parameters hold kv_heads heads
+    and are repeated here, each to the num_heads / kv_heads query heads of its group, so every attention
+    path (and the decoding cache) sees full heads.
+    """
+    cfg = self.config
+    init = _dense_init(("embed", "heads", "kv"))
+    heads = {"query": cfg.num_heads, "key": cfg.kv_heads, "value": cfg.kv_heads}
+    group = cfg.num_heads // cfg.kv_heads
+    expand = lambda a, name: a if heads[name] == cfg.num_heads else jnp.repeat(a, group, axis=-2)
+    w_qkv = [expand(self.param(name, init, (cfg.d_model, heads[name], cfg.head_dim)), name).astype(dtype)
+             for name in heads]
+    if not cfg.qkv_bias:
+      return w_qkv, []
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv"))
+    b_qkv = [expand(self.param(f"{name}_bias", bias_init, (heads[name], cfg.head_dim)), name).astype(dtype)
+             for name in heads]
+    return w_qkv, b_qkv
 
   def _attend(self, q_BxQxHxD, k_BxSxHxD, v_BxSxHxD, mask_QxS):
     """Attention of scaled queries by the configured implementation (auto: dot_attention); [B, Q, H, D]."""
@@ -283,8 +414,7 @@ class Block(nn.Module):
       raise UserError(f"a cached chunk of {chunk} positions exceeds the {size}-slot cache")
     pos = index.value
     positions_C = pos + jnp.arange(chunk, dtype=jnp.int32)
-    q, k = _rotate_queries_and_keys(qkv_BxLx3xHxD, rope_tables(positions_C, cfg.head_dim, cfg.rope_base),
-                                    cfg.head_dim)
+    q, k = _rotate_queries_and_keys(qkv_BxLx3xHxD, position_tables(cfg, positions_C), cfg.head_dim)
     slots = positions_C % size
     keys = cached_k.value.at[:, slots].set(k)
     values = cached_v.value.at[:, slots].set(v_BxLxHxD)
@@ -305,37 +435,41 @@ class Block(nn.Module):
     return self._attend(q, keys, values, visible)
 
 
-def _project_qkv(h_BxLxD, kernels, fuse: bool):
-  """Queries, keys and values stacked: [B, L, 3, H, D]; fuse: one matmul by the kernels side by side."""
+def _project_qkv(h_BxLxD, kernels, fuse: bool, biases=()):
+  """Queries, keys and values stacked: [B, L, 3, H, D]; fuse: one matmul by the kernels side by side;
+  biases: none, or [b_q, b_k, b_v] each [H, D]."""
   if fuse:
-    return jnp.einsum("bld,dthk->blthk", h_BxLxD, jnp.stack(kernels, axis=1))
-  return jnp.stack([jnp.einsum("bld,dhk->blhk", h_BxLxD, w) for w in kernels], axis=2)
+    qkv = jnp.einsum("bld,dthk->blthk", h_BxLxD, jnp.stack(kernels, axis=1))
+  else:
+    qkv = jnp.stack([jnp.einsum("bld,dhk->blhk", h_BxLxD, w) for w in kernels], axis=2)
+  return qkv + jnp.stack(biases) if len(biases) else qkv
 
 
-def _attention_einsum(h_BxLxD, w_q, w_k, w_v, *, rope, mask_QxK, causal: bool, fuse: bool):
+def _attention_einsum(h_BxLxD, w_q, w_k, w_v, *b_qkv, rope, mask_QxK, causal: bool, fuse: bool):
   """Attention output [B, L, H, D] by dot_attention: rotary embedding of q and k in one pass with the
   shared tables, the scale folded into the queries' tables."""
-  qkv = _project_qkv(h_BxLxD, [w_q, w_k, w_v], fuse)
+  qkv = _project_qkv(h_BxLxD, [w_q, w_k, w_v], fuse, b_qkv)
   q, k = _rotate_queries_and_keys(qkv, rope, w_q.shape[-1])
   if mask_QxK is None and causal:
     mask_QxK = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
   return dot_attention(q, k, qkv[:, :, 2], mask_QxK)
 
 
-def _attention_jax(h_BxLxD, w_q, w_k, w_v, *, positions_L, rope_base: float, mask_QxK, causal: bool,
-                   implementation):
+def _attention_jax(h_BxLxD, w_q, w_k, w_v, *b_qkv, rope, mask_QxK, causal: bool, implementation):
   """Attention output [B, L, H, D] by jax.nn.dot_product_attention on separately projected, separately
   rotated q and k: the formulation XLA:TPU fuses into the fewest HBM bytes (ahead-of-time counts)."""
   q, k, v = (jnp.einsum("bld,dhk->blhk", h_BxLxD, w) for w in (w_q, w_k, w_v))
-  q, k = _rope_split(q, rope_base, positions_L), _rope_split(k, rope_base, positions_L)
+  if b_qkv:
+    q, k, v = q + b_qkv[0], k + b_qkv[1], v + b_qkv[2]
+  q, k = _rope_split(q, rope), _rope_split(k, rope)
   mask = None if mask_QxK is None else mask_QxK[None, None]
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal and mask is None,
                                       implementation=implementation)
 
 
-def _rope_split(x_BxLxHxD, base: float, positions_L):
-  """Rotary embedding as two halves rotated and concatenated, tables from positions_L; float32 inside."""
-  cos, sin = (table[:, None, :x_BxLxHxD.shape[-1] // 2] for table in rope_tables(positions_L, x_BxLxHxD.shape[-1], base))
+def _rope_split(x_BxLxHxD, rope):
+  """Rotary embedding as two halves rotated and concatenated, by the (position_tables) tables; float32 inside."""
+  cos, sin = (table[:, None, :x_BxLxHxD.shape[-1] // 2] for table in rope)
   sin = -sin  # rope_tables' first half carries the rotation's minus sign
   x1, x2 = jnp.split(x_BxLxHxD.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxLxHxD.dtype)
@@ -405,6 +539,8 @@ class Transformer(nn.Module):
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
     x = embed(tokens_BxL)
+    if cfg.position == "learned":
+      x = x + self._learned_positions(tokens_BxL.shape[1], decode, commit, positions_L).astype(dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     cond = None
@@ -419,21 +555,58 @@ class Transformer(nn.Module):
       cond = nn.silu(cond)
 
     # Rotary tables once for every block (cached decoding derives its own from the cache index).
-    rope = None if decode else rope_tables(jnp.arange(tokens_BxL.shape[1]) if positions_L is None else positions_L,
-                                           cfg.head_dim, cfg.rope_base)
+    rope = None if decode else position_tables(cfg, jnp.arange(tokens_BxL.shape[1]) if positions_L is None
+                                               else positions_L)
     block = nn.remat(Block, static_argnums=(3, 4, 8)) if cfg.remat else Block
     for i in range(cfg.num_layers):
       x = block(cfg, name=f"block_{i}")(x, cond, decode, commit, positions_L, mask_QxK, rope, approx_cache)
-    x = RMSNorm(dtype, name="final_norm")(x)
-    head = Kernel((cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), name="head")()
+    x = make_norm(cfg, "final_norm")(x)
+    if cfg.tie_embeddings:
+      head = embed.embedding.T
+    else:
+      head = Kernel((cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), name="head")()
     # SUBS: no probability on [MASK] or padding rows. Unless an axis shards the vocabulary (whose padded
     # width divides it), their columns are not computed at all when slicing the kernel is the cheaper copy.
     if _vocab_unsharded() and tokens_BxL.shape[0] * tokens_BxL.shape[1] >= cfg.d_model:
       logits = jnp.einsum("bld,dv->blv", x, head[:, :cfg.vocab_size].astype(dtype))
-      return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-    logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype))
-    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-    return logits[..., :cfg.vocab_size]
+      logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    else:
+      logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype))
+      logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+      logits = logits[..., :cfg.vocab_size]
+    return self._family_outputs(logits)
+
+  def _learned_positions(self, length: int, decode: bool, commit, positions_L):
+    """float32[L, D_model] rows of the learned position table (model.position='learned') for the chunk.
+
+    Cached decoding reads the chunk's positions from its own counter in the "cache" collection,
+    advanced as the blocks' caches are (commit); positions never slide: decoding stops at max_len.
+    """
+    cfg = self.config
+    table = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
+                                                                  ("position", "embed")), (cfg.max_len, cfg.d_model))
+    if decode:
+      exists = self.has_variable("cache", "position_index")
+      index = self.variable("cache", "position_index", lambda: jnp.zeros((), jnp.int32))
+      positions_L = index.value + jnp.arange(length, dtype=jnp.int32)
+      keep = length if commit is True else int(commit)
+      if exists and keep:
+        index.value = index.value + keep
+    elif positions_L is None:
+      positions_L = jnp.arange(length)
+    return jnp.take(table, jnp.minimum(positions_L, cfg.max_len - 1), axis=0)
+
+  def _family_outputs(self, logits_BxLxV):
+    """Imported families' output conventions: an in-vocabulary [MASK] gets no probability (SUBS), and
+    a shifted network (Dream: position i predicts token i + 1) is realigned so position i predicts
+    token i; position 0, which nothing predicts, takes its own output (Dream's convention)."""
+    cfg = self.config
+    if cfg.mask_token_id >= 0:
+      is_mask_V = jnp.arange(logits_BxLxV.shape[-1]) == cfg.mask_token_id
+      logits_BxLxV = jnp.where(is_mask_V, MASK_LOGIT, logits_BxLxV)
+    if cfg.shift_logits:
+      logits_BxLxV = jnp.concatenate([logits_BxLxV[:, :1], logits_BxLxV[:, :-1]], axis=1)
+    return logits_BxLxV
 
 
 def _fuse_kernels(tokens: int, d_model: int) -> bool:

@@ -22,6 +22,7 @@ LOGICAL_RULES = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
+    ("position", None),  # rows of a learned position table (GPT-2)
     ("vocab", "tensor"),
 )
 

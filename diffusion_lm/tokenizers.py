@@ -101,6 +101,9 @@ class SentencePieceTokenizer:
     self.vocab_size = self.sp.get_piece_size()
     self.mask_id = self.vocab_size
 
+  def __reduce__(self):  # pickled by its model (tokenizer processes); the processor object cannot be
+    return (SentencePieceTokenizer, (self.model_proto,))
+
   @classmethod
   def train(cls, texts: Iterable[str], vocab_size: int, model_type: str = "unigram",
             max_sentences: int = 300_000) -> "SentencePieceTokenizer":
@@ -245,6 +248,9 @@ class HFTokenizer:
     self.bos_id = next((vocab[t] for t in HF_BOS_TOKENS if t in vocab), None)
     self.vocab_mask_id = next((vocab[t] for t in HF_MASK_TOKENS if t in vocab), None)
     self.byte_level = (self._section("decoder") or {}).get("type") == "ByteLevel"
+
+  def __reduce__(self):  # pickled by its file and eos choice (tokenizer processes)
+    return (HFTokenizer, (self.tokenizer_json, self.eos_token))
 
   def _section(self, name: str):
     return json.loads(self.tokenizer_json).get(name)
