@@ -25,6 +25,9 @@ def get_config(arg=None):
   data.passage_chars = 4096  # local text: passages of about this many characters are the split unit
   data.seq_len = 128  # tokens per training sequence
   data.cache_dir = ""  # prepared data and token caches; default WORKDIR/data
+  # processes that tokenize a split into the token cache (once per split and tokenizer): 0 = one per CPU core
+  # (at most 16) for splits of 20,000 texts or more, else in-process; 1 = in-process; N = N processes
+  data.tokenize_processes = 0
 
   config.tokenizer = tok = ml_collections.ConfigDict()
   # char | sentencepiece (both trained on the train split on first use) | hf (a Hugging Face tokenizer.json
@@ -79,6 +82,10 @@ def get_config(arg=None):
   tr.checkpoint_every = 500  # steps between checkpoints (and always at the end / on SIGTERM)
   tr.keep_checkpoints = 3  # newest checkpoints kept
   tr.on_nonfinite = "stop"  # a NaN/inf loss or gradient: stop (naming the last good checkpoint) | skip the update
+  # jax.profiler traces of these steps (1 = the first step), one trace per run of consecutive steps, into
+  # WORKDIR/profile (TensorBoard's profile tab, ui.perfetto.dev); e.g. --config.training.profile_steps="(10,11,12)"
+  tr.profile_steps = ()
+  tr.wandb_project = ""  # also log the scalars to this Weights & Biases project (needs pip install wandb); "" off
 
   config.evaluation = ev = ml_collections.ConfigDict()
   ev.batch_size = 64  # sequences per evaluation batch

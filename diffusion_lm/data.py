@@ -33,7 +33,7 @@ from diffusion_lm import corpora, paths
 from diffusion_lm.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.xz", ".txt.bz2")
-SOURCES = ("bundled", "local", "text8", "tfds")
+SOURCES = ("bundled", "local", "text8", "tfds", "jsonl")
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 TEXT8_SPLITS = {"train": (0.0, 0.9), "validation": (0.9, 0.95), "test": (0.95, 1.0)}  # 90M / 5M / 5M
 
@@ -264,6 +264,9 @@ def load_text_split(data_config, split: str, data_dir: str, coordinate: bool = T
   when only one process calls it.
   """
   _check_data_config(data_config)
+  if data_config.source == "jsonl":
+    raise UserError("data.source='jsonl' holds prompt/response pairs, not running text; allowed: objective='sft' "
+                    "(which reads them with data.prompt_response_rows) or a text source")
   tfds = _tfds()
   if data_config.source in ("bundled", "local"):
     files = list_text_files(_local_path(data_config))
@@ -400,20 +403,23 @@ class TokenizedSplit:
     return self.num_chars / max(1, len(self.tokens))
 
 
-def tokenize_split(text_split: TextSplit, tokenizer, cache_dir: str, coordinate: bool = True) -> TokenizedSplit:
+def tokenize_split(text_split: TextSplit, tokenizer, cache_dir: str, coordinate: bool = True,
+                   processes: int = 0) -> TokenizedSplit:
   """Token stream of a split, cached as .npy keyed by the split and tokenizer fingerprints.
 
   Process 0 tokenizes and writes the cache; the others wait at a barrier and read it (or, on a folder
   of their own host, make their own). A local cache is memory-mapped; one in a bucket is read whole.
   coordinate: every process calls this together; False when only one does.
+  processes: tokenizer processes (data.tokenize_processes); 0 picks one per CPU core (at most 16) for
+  splits of PARALLEL_MIN_TEXTS texts or more, 1 tokenizes here. The cache is the same either way.
   """
   stem = paths.join(cache_dir, f"{text_split.name}-{text_split.fingerprint}-{tokenizer.fingerprint()}")
   if (paths.is_writer() or not coordinate) and not paths.exists(stem + ".json"):
-    _tokenize_to_cache(text_split, tokenizer, stem)
+    _tokenize_to_cache(text_split, tokenizer, stem, processes)
   if coordinate:
     paths.sync("diffusion_lm:tokenize")
     if not paths.exists(stem + ".json"):
-      _tokenize_to_cache(text_split, tokenizer, stem)
+      _tokenize_to_cache(text_split, tokenizer, stem, processes)
   meta = json.loads(paths.read_bytes(stem + ".json"))
   if paths.is_uri(stem):
     tokens = np.load(io.BytesIO(paths.read_bytes(stem + ".npy")))
@@ -422,21 +428,96 @@ def tokenize_split(text_split: TextSplit, tokenizer, cache_dir: str, coordinate:
   return TokenizedSplit(tokens, meta["num_chars"])
 
 
-def _tokenize_to_cache(text_split: TextSplit, tokenizer, stem: str) -> None:
-  """Writes STEM.npy (the token stream) and then STEM.json (its counts: the cache is complete)."""
-  start = time.time()
-  chunks, num_chars = [], 0
+PARALLEL_MIN_TEXTS = 20_000  # data.tokenize_processes=0: smaller splits are tokenized in-process
+BATCH_CHARS = 1 << 20  # characters of text per unit of work sent to a tokenizer process
+
+
+def _text_batches(text_split: TextSplit, batch_chars: int):
+  """[(text, ends document), ...] lists of about batch_chars characters, in split order."""
+  batch, chars = [], 0
   for text, ends in zip(text_split.texts(), text_split.doc_ends):
-    ids = tokenizer.encode(text)
+    batch.append((text, bool(ends)))
+    chars += len(text)
+    if chars >= batch_chars:
+      yield batch
+      batch, chars = [], 0
+  if batch:
+    yield batch
+
+
+def _encode_batch(tokenizer, batch) -> np.ndarray:
+  ids = []
+  for text, ends in batch:
+    ids.extend(tokenizer.encode(text))
     if ends:
       ids.append(tokenizer.eos_id)
-    chunks.append(np.asarray(ids, dtype=np.int32))
-    num_chars += len(text) + int(ends)
+  return np.asarray(ids, dtype=np.int32)
+
+
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(tokenizer) -> None:
+  global _WORKER_TOKENIZER
+  _WORKER_TOKENIZER = tokenizer
+
+
+def _encode_batch_in_worker(batch) -> np.ndarray:
+  return _encode_batch(_WORKER_TOKENIZER, batch)
+
+
+def _encoded_batches(text_split: TextSplit, tokenizer, processes: int, batch_chars: int):
+  """(token ids, texts, characters) of each batch, in split order, from `processes` processes.
+
+  At most 2 x processes batches are in flight, so memory does not grow with the corpus. Workers are
+  spawned (not forked): the parent may hold JAX's threads.
+  """
+  batches = _text_batches(text_split, batch_chars)
+  if processes <= 1:
+    for batch in batches:
+      yield _encode_batch(tokenizer, batch), len(batch), sum(len(t) + e for t, e in batch)
+    return
+  import collections  # pylint: disable=g-import-not-at-top
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  with multiprocessing.get_context("spawn").Pool(processes, _init_worker, (tokenizer,)) as pool:
+    in_flight = collections.deque()
+    for batch in batches:
+      in_flight.append((pool.apply_async(_encode_batch_in_worker, (batch,)), len(batch),
+                        sum(len(t) + e for t, e in batch)))
+      if len(in_flight) >= 2 * processes:
+        result, texts, chars = in_flight.popleft()
+        yield result.get(), texts, chars
+    while in_flight:
+      result, texts, chars = in_flight.popleft()
+      yield result.get(), texts, chars
+
+
+def tokenize_processes(processes: int, num_texts: int) -> int:
+  """Processes to tokenize a split of num_texts texts with (see tokenize_split)."""
+  if not isinstance(processes, int) or processes < 0:
+    raise UserError(f"data.tokenize_processes={processes!r}; allowed: 0 (automatic), 1 (in-process) or more")
+  if processes == 0:
+    return min(os.cpu_count() or 1, 16) if num_texts >= PARALLEL_MIN_TEXTS else 1
+  return processes
+
+
+def _tokenize_to_cache(text_split: TextSplit, tokenizer, stem: str, processes: int = 0) -> None:
+  """Writes STEM.npy (the token stream) and then STEM.json (its counts: the cache is complete)."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  start = time.time()
+  processes = tokenize_processes(processes, len(text_split))
+  chunks, num_chars = [], 0
+  with tqdm(total=len(text_split), unit="text", desc=f"tokenizing {text_split.name}", leave=False,
+            mininterval=2.0, dynamic_ncols=True) as bar:
+    for ids, texts, chars in _encoded_batches(text_split, tokenizer, processes, BATCH_CHARS):
+      chunks.append(ids)
+      num_chars += chars
+      bar.update(texts)
   tokens = np.concatenate(chunks) if chunks else np.zeros((0,), np.int32)
   paths.write_with(stem + ".npy", lambda f: np.save(f, tokens))
   paths.write_bytes(stem + ".json", json.dumps({"num_tokens": int(len(tokens)), "num_chars": num_chars}).encode())
-  logging.info("tokenized %s: %d chars -> %d tokens in %.1fs", text_split.name, num_chars, len(tokens),
-               time.time() - start)
+  logging.info("tokenized %s: %d chars -> %d tokens in %.1fs (%d processes)", text_split.name, num_chars,
+               len(tokens), time.time() - start, processes)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -532,3 +613,81 @@ def eval_batches(windows: Windows, batch_size: int, max_batches: int = 0, seed: 
       idx = np.concatenate([idx, np.full(pad, -1, np.int64)])
       chars = None if chars is None else np.concatenate([chars, np.zeros(pad, np.int64)])
     yield EvalBatch(rows, valid, idx, chars)
+
+
+# ----------------------------------------------------------------------------- prompt/response pairs
+
+
+def read_prompt_response(path: str) -> list[tuple[str, str]]:
+  """(prompt, response) pairs of a JSONL file, one {"prompt": ..., "response": ...} object a line."""
+  if not paths.isfile(path):
+    raise UserError(f"data.path={path!r}: no such file; allowed: a JSONL file of {{\"prompt\": ..., "
+                    "\"response\": ...}} lines (data.source='jsonl')")
+  pairs = []
+  for number, line in enumerate(paths.read_text(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      prompt, response = record["prompt"], record["response"]
+    except (ValueError, KeyError, TypeError):
+      raise UserError(f"{path}:{number}: not a JSON object with string fields prompt and response; allowed: "
+                      "one {\"prompt\": ..., \"response\": ...} object per line") from None
+    if not isinstance(prompt, str) or not isinstance(response, str):
+      raise UserError(f"{path}:{number}: prompt and response must be strings")
+    pairs.append((prompt, response))
+  if not pairs:
+    raise UserError(f"data.path={path!r} holds no prompt/response pairs")
+  return pairs
+
+
+def pair_split(prompt: str, response: str, validation_percent: float) -> str:
+  """'train' or 'validation' for one pair, by a hash of its text (stable whatever the file order)."""
+  digest = zlib.crc32(json.dumps([prompt, response]).encode())
+  return "validation" if digest % 10_000 < validation_percent * 100 else "train"
+
+
+class PromptResponseRows(Windows):
+  """One row of seq_len tokens per prompt/response pair: the prompt's tokens stored as their complement
+  ~id (negative; objective 'sft' holds them clean and scores the rest), the response, then end-of-text
+  padding to seq_len (at least one end-of-text, so an answer has an end). Serves the train iterator and
+  eval_batches as Windows do; row_chars counts the characters of the scored part."""
+
+  def __init__(self, rows_NxL: np.ndarray, split_name: str = "train", token_chars: np.ndarray | None = None):
+    self.rows_NxL = rows_NxL
+    self.seq_len = rows_NxL.shape[1]
+    self.token_chars = token_chars
+    self.split_name = split_name
+
+  def __len__(self):
+    return self.rows_NxL.shape[0]
+
+  def rows(self, indices) -> np.ndarray:
+    return self.rows_NxL[np.asarray(indices, dtype=np.int64)]
+
+  def row_chars(self, rows_NxL: np.ndarray) -> np.ndarray:
+    if self.token_chars is None:
+      raise ValueError("these rows were built without token_chars; pass data.token_char_counts(tokenizer)")
+    scored = np.where(rows_NxL < 0, 0, np.asarray(self.token_chars, dtype=np.int64)[np.maximum(rows_NxL, 0)])
+    return scored.sum(axis=-1)
+
+
+def prompt_response_rows(data_config, split: str, tokenizer, token_chars=None) -> PromptResponseRows:
+  """The split's pairs of data.path as rows of data.seq_len tokens (see PromptResponseRows)."""
+  if split not in ("train", "validation"):
+    raise UserError(f"split {split!r} of prompt/response pairs; allowed: train, validation")
+  seq_len = data_config.seq_len
+  rows = []
+  for prompt, response in read_prompt_response(data_config.path):
+    if pair_split(prompt, response, data_config.validation_percent) != split:
+      continue
+    prompt_ids, response_ids = tokenizer.encode(prompt), tokenizer.encode(response)
+    length = len(prompt_ids) + len(response_ids)
+    if length >= seq_len:
+      raise UserError(f"a prompt/response pair of {length} tokens leaves no room for the end-of-text in "
+                      f"data.seq_len={seq_len} (prompt {prompt[:40]!r}); allowed: pairs shorter than seq_len")
+    rows.append([~i for i in prompt_ids] + response_ids + [tokenizer.eos_id] * (seq_len - length))
+  if not rows:
+    raise UserError(f"data.path={data_config.path!r} gives an empty {split} split "
+                    f"(data.validation_percent={data_config.validation_percent}); allowed: more pairs")
+  return PromptResponseRows(np.asarray(rows, dtype=np.int32), split, token_chars)

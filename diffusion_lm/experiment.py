@@ -112,8 +112,15 @@ def load_or_train_tokenizer(config, workdir: str):
 
 
 def _train_tokenizer(config, workdir: str):
-  if config.tokenizer.kind == "hf":  # a fixed vocabulary read from its file: no text needed
+  if config.get("init_from"):  # fine-tuning: the source workdir's vocabulary, ids and all
+    tokenizer = tokenizers.load_tokenizer(tokenizer_dir(config.init_from))
+    if tokenizer is None:
+      raise UserError(f"init_from={config.init_from!r} holds no tokenizer; allowed: a trained or converted workdir")
+  elif config.tokenizer.kind == "hf":  # a fixed vocabulary read from its file: no text needed
     tokenizer = tokenizers.train_tokenizer(config.tokenizer, [])
+  elif config.data.source == "jsonl":  # prompt/response pairs: the vocabulary of their text
+    pairs = data.read_prompt_response(config.data.path)
+    tokenizer = tokenizers.train_tokenizer(config.tokenizer, (text for pair in pairs for text in pair))
   else:
     split = data.load_text_split(config.data, config.data.train_split, data_dir(config, workdir), coordinate=False)
     logging.info("training a %s tokenizer on %d train passages", config.tokenizer.kind, len(split))
@@ -123,9 +130,14 @@ def _train_tokenizer(config, workdir: str):
 
 
 def load_windows(config, workdir: str, tokenizer, split: str):
-  """(Windows with per-token character counts, TokenizedSplit) of a split, tokenized once and cached."""
+  """(Windows with per-token character counts, TokenizedSplit) of a split, tokenized once and cached.
+
+  Prompt/response pairs (data.source='jsonl'): (PromptResponseRows, None), one row per pair."""
+  if config.data.source == "jsonl":
+    return data.prompt_response_rows(config.data, split, tokenizer, data.token_char_counts(tokenizer)), None
   text_split = data.load_text_split(config.data, split, data_dir(config, workdir))
-  tokenized = data.tokenize_split(text_split, tokenizer, paths.join(data_dir(config, workdir), "tokens"))
+  tokenized = data.tokenize_split(text_split, tokenizer, paths.join(data_dir(config, workdir), "tokens"),
+                                  processes=config.data.get("tokenize_processes", 0))
   windows = data.Windows(tokenized.tokens, config.data.seq_len, split, data.token_char_counts(tokenizer))
   return windows, tokenized
 

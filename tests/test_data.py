@@ -237,3 +237,26 @@ def test_a_single_huge_line_is_cut_into_passages(tmp_path):
   val = data.load_text_split(cfg, "validation", str(tmp_path / "d"))
   lengths = [len(t) for t in train.texts()]
   assert max(lengths) <= 4096 and len(train) + len(val) >= 200
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "hf"])
+def test_tokenizer_processes_write_the_same_cache(kind, small_corpus, tmp_path, monkeypatch):
+  split = data.load_text_split(_data_config(source="local", path=small_corpus), "train", str(tmp_path))
+  if kind == "hf":
+    fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "bytelevel_bpe_tokenizer.json")
+    tok = tokenizers.HFTokenizer.from_file(fixture)
+  else:
+    tok = tokenizers.SentencePieceTokenizer.train(split.texts(), vocab_size=340)
+  expected = np.concatenate([tok.encode(t) + [tok.eos_id] * int(e) for t, e in zip(split.texts(), split.doc_ends)])
+  one = data.tokenize_split(split, tok, str(tmp_path / "one"), processes=1)
+  monkeypatch.setattr(data, "BATCH_CHARS", 2000)  # many batches: more than the 2 x 2 kept in flight
+  assert len(list(data._text_batches(split, data.BATCH_CHARS))) > 8
+  two = data.tokenize_split(split, tok, str(tmp_path / "two"), processes=2)
+  np.testing.assert_array_equal(np.asarray(one.tokens), expected)
+  assert one.num_chars == two.num_chars == sum(len(t) + int(e) for t, e in zip(split.texts(), split.doc_ends))
+  for suffix in (".npy", ".json"):  # the cache files are byte for byte the same
+    (a,), (b,) = [[os.path.join(d, f) for f in os.listdir(d) if f.endswith(suffix)]
+                  for d in (tmp_path / "one", tmp_path / "two")]
+    assert open(a, "rb").read() == open(b, "rb").read()
+  with pytest.raises(UserError, match="data.tokenize_processes=-1"):
+    data.tokenize_split(split, tok, str(tmp_path / "three"), processes=-1)
