@@ -40,9 +40,10 @@ class Generation:
   seq_len: int
   seed: int
   step: int  # checkpoint step of the parameters
+  block_size: int  # tokens per block of a block-diffusion model (its steps count per block), else 0
 
-  def describe(self, model_config) -> str:
-    per = f" per {model_config.block_size}-token block" if model_config.block_size else ""
+  def describe(self) -> str:
+    per = f" per {self.block_size}-token block" if self.block_size else ""
     cfg = self.sampler
     return (f"{len(self.texts)} samples, {self.seq_len} tokens, {cfg.name} sampler, {cfg.steps} steps{per}"
             f"{' (max)' if cfg.name == 'threshold' else ''}, seed {self.seed}, checkpoint step {self.step}")
@@ -109,7 +110,7 @@ def generate_tokens(trained, *, prompt: str = "", suffix: str = "", infill: str 
   template = generator.template(length, num_samples, prompt=prompt, suffix=suffix, infill=infill)
   out = generator(trained.params, template, seed)
   texts = generator.decode([row[:n] for row, n in zip(out.tokens, out.lengths)])
-  return Generation(texts, out, template, cfg, length, seed, trained.step)
+  return Generation(texts, out, template, cfg, length, seed, trained.step, trained.model.config.block_size)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -93,7 +93,7 @@ def main(argv):
                             seed=FLAGS.seed, sampler=FLAGS.sampler, return_trajectory=bool(FLAGS.show or FLAGS.html),
                             **{name: getattr(FLAGS, name) for name in _OVERRIDES})
   out, texts, tokens, cfg = gen.output, gen.texts, gen.template, gen.sampler
-  meta = gen.describe(model_config)
+  meta = gen.describe()
   if FLAGS.show:
     visualize.show_in_terminal(trained.tokenizer, tokens, out.trajectory)
   if FLAGS.html:
