@@ -36,6 +36,9 @@ def check_config(config) -> None:
     raise UserError(f"model.block_size={config.model.block_size} with objective={objective.name!r}; allowed: 0 "
                     "(block_size is for objective='block')")
   objective.check(config)
+  if config.data.source == "jsonl" and objective.name != "sft":
+    raise UserError(f"data.source='jsonl' with objective={objective.name!r}; allowed: objective='sft' (prompt/response "
+                    "pairs)")
   t = config.training
   for name in ("batch_size", "num_steps", "log_every", "eval_every", "sample_every", "checkpoint_every",
                "keep_checkpoints"):
@@ -138,7 +141,8 @@ def load_windows(config, workdir: str, tokenizer, split: str):
   text_split = data.load_text_split(config.data, split, data_dir(config, workdir))
   tokenized = data.tokenize_split(text_split, tokenizer, paths.join(data_dir(config, workdir), "tokens"),
                                   processes=config.data.get("tokenize_processes", 0))
-  windows = data.Windows(tokenized.tokens, config.data.seq_len, split, data.token_char_counts(tokenizer))
+  windows = data.Windows(tokenized.tokens, config.data.seq_len, split, data.token_char_counts(tokenizer),
+                         frame_id=tokenizer.eos_id if config.data.get("frame_windows", False) else None)
   return windows, tokenized
 
 
@@ -200,6 +204,19 @@ def init_state(model, tx, mesh, key, seq_len, shardings):
   init = jax.jit(lambda k: nn.unbox(_boxed_state(model, tx, k, seq_len)), out_shardings=shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     return init(key)
+
+
+def initialize_from(state: TrainState, source_workdir: str, mesh, shardings) -> TrainState:
+  """The state with params and EMA params replaced by `source_workdir`'s EMA parameters (fine-tuning a
+  trained or converted model; config.init_from). The parameter trees must agree in names and shapes."""
+  source = load_trained(source_workdir, mesh_config=None)
+  want = jax.tree_util.tree_structure(state.params)
+  if jax.tree_util.tree_structure(source.params) != want or any(
+      a.shape != b.shape for a, b in zip(jax.tree.leaves(source.params), jax.tree.leaves(state.params))):
+    raise UserError(f"init_from={source_workdir!r} holds a model of another shape than config.model describes; "
+                    "allowed: the source's own model settings (e.g. --config=configs/sft.py:SOURCE)")
+  params = jax.device_put(source.params, shardings.params)
+  return state.replace(params=params, ema_params=params)
 
 
 def param_count(params) -> int:
@@ -414,6 +431,7 @@ class Trained:
 
 def load_trained(workdir: str, use_ema: bool = True, mesh_config=None) -> Trained:
   """Loads config, tokenizer and (EMA) params of the latest checkpoint in `workdir`."""
+  paths.check_uri_support(workdir)
   step, saved = checkpointing.read_saved_config(workdir)
   if step is None:
     raise UserError(f"workdir {workdir!r} holds no checkpoint; train first with "

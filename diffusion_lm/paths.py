@@ -16,12 +16,15 @@ may be a bucket path (`gs://bucket/run`, or any scheme epath knows) as well as a
   file locks: they coordinate nothing across the hosts of a pod, nor on a bucket.
 """
 
+import importlib.util
 import os
 import re
 import uuid
 
 from etils import epath
 import jax
+
+from diffusion_lm.errors import UserError
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -35,8 +38,49 @@ def resolve(p) -> str:
   """`p` as a string: a local path made absolute (and ~ expanded), a URI unchanged."""
   text = os.fspath(p)
   if is_uri(text):
-    return str(epath.Path(text))  # trailing slash dropped
+    try:
+      return str(epath.Path(text))  # trailing slash dropped
+    except KeyError:  # a scheme epath does not know
+      raise _unknown_scheme(text) from None
   return os.path.abspath(os.path.expanduser(text))
+
+
+# What a real bucket path needs besides etils: epath's filesystem for the scheme (unless TensorFlow's gfile
+# serves it) and, for gs://, google-cloud-storage, with which orbax looks up the bucket's layout.
+_SCHEME_PACKAGES = {"gs": {"gcsfs": "gcsfs", "google.cloud.storage": "google-cloud-storage"}, "s3": {"s3fs": "s3fs"}}
+
+
+def check_uri_support(p) -> None:
+  """Fails in one line when the bucket path `p` cannot work here for want of a package."""
+  if not is_uri(p):
+    return
+  from etils.epath import backend as epath_backend  # pylint: disable=g-import-not-at-top
+  scheme = os.fspath(p).split("://", 1)[0]
+  try:
+    backend = path(p)._backend  # pylint: disable=protected-access  (which filesystem epath would use)
+  except NotImplementedError:
+    raise _unknown_scheme(p) from None
+  if backend not in (epath_backend.fsspec_backend, epath_backend.tf_backend):
+    return  # a filesystem registered for the scheme by the caller
+  wanted = {module: name for module, name in _SCHEME_PACKAGES.get(scheme, {}).items()
+            if not (backend is epath_backend.tf_backend and module in ("gcsfs", "s3fs"))}
+  missing = [name for module, name in wanted.items() if not _importable(module)]
+  if missing:
+    raise UserError(f"path {os.fspath(p)!r} needs the package{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
+                    f"allowed: pip install {' '.join(missing)}, or a local path")
+
+
+def _unknown_scheme(p) -> UserError:
+  scheme = os.fspath(p).split("://", 1)[0]
+  return UserError(f"path {os.fspath(p)!r}: epath has no filesystem for {scheme}://; allowed: a local path, gs://, "
+                   "s3://")
+
+
+def _importable(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # a parent package (google.cloud) is missing
+    return False
 
 
 def path(p) -> epath.Path:

@@ -54,6 +54,9 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   """
   # ------------------------------------------------------------------ config, workdir, resume check
   experiment.check_config(config)
+  for where in (workdir, config.data.cache_dir):
+    if where:
+      paths.check_uri_support(where)
   workdir = paths.resolve(workdir)  # a gs:// workdir stays one (never made a local folder)
   _check_writable(workdir)
   saved_step, saved_config = checkpointing.read_saved_config(workdir)
@@ -91,6 +94,9 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   else:
     state = experiment.init_state(model, tx, mesh, jax.random.key(config.seed), config.data.seq_len,
                                   shardings)
+    if config.get("init_from"):
+      state = experiment.initialize_from(state, config.init_from, mesh, shardings)
+      _log(f"initialised from {config.init_from} (its EMA parameters; a fresh optimizer)")
     if jax.process_index() == 0:
       paths.write_bytes(paths.join(workdir, "config.json"), json.dumps(config_dict, indent=2).encode())
   start_step = int(state.step)

@@ -6,6 +6,7 @@ which orbax writes arrays). Like an object store it refuses appends, so code tha
 object fails here as it would on GCS.
 """
 
+import importlib.util
 import json
 import os
 
@@ -15,6 +16,7 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath
 
 from diffusion_lm import api, data, metrics, paths, tokenizers
+from diffusion_lm.errors import UserError
 
 
 class FakeGcs(epath_backend._OsPathBackend):  # pylint: disable=protected-access
@@ -111,6 +113,24 @@ def test_resolve_keeps_uris_and_makes_local_paths_absolute(tmp_path, monkeypatch
   assert not paths.is_uri("runs/gs://x")
 
 
+def test_bucket_path_without_its_packages_fails_in_one_line(tiny_config, tmp_path, monkeypatch):
+  from diffusion_lm.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name in (
+      "gcsfs", "google.cloud.storage") else real_find_spec(name, *args))
+  monkeypatch.chdir(tmp_path)
+  message = ("path 'gs://bucket/run' needs the packages gcsfs, google-cloud-storage; allowed: pip install gcsfs "
+             "google-cloud-storage, or a local path")
+  with pytest.raises(UserError, match=f"^{message}$"):
+    train_and_evaluate(tiny_config, "gs://bucket/run")
+  with pytest.raises(UserError, match=f"^{message}$"):
+    api.load("gs://bucket/run")
+  with pytest.raises(UserError, match="epath has no filesystem for ftp://"):
+    api.load("ftp://host/run")
+  assert os.listdir(tmp_path) == []
+
+
 def test_token_cache_and_metrics_in_a_bucket(fake_gcs, tmp_path):
   text = ["To be, or not to be, that is the question:\n", "Whether 'tis nobler in the mind to suffer\n"]
   split = data.TextSplit("train", "f0", [{"text": t} for t in text], np.arange(2), np.array([False, True]), "text")
@@ -137,6 +157,22 @@ def test_token_cache_and_metrics_in_a_bucket(fake_gcs, tmp_path):
   assert len(events) >= 1 and all(f.startswith("events.out.tfevents") for f in events)
   assert all(os.path.getsize(tmp_path / "gcs" / "bucket" / "run" / "tensorboard" / f) > 0 for f in events)
   assert _no_local_gs_folder(tmp_path / "cwd")
+
+
+def test_corpus_in_a_bucket_reads_as_the_same_corpus_on_disk(fake_gcs, small_corpus, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  shutil.copytree(small_corpus, tmp_path / "gcs" / "bucket" / "corpus")
+  assert [os.path.basename(f) for f in data.list_text_files("gs://bucket/corpus")] == sorted(os.listdir(small_corpus))
+  assert data.read_text_file("gs://bucket/corpus/doc2.txt.gz") == data.read_text_file(
+      os.path.join(small_corpus, "doc2.txt.gz"))  # decompressed alike
+  cfg = default.get_config().data
+  cfg.update(source="local", passage_chars=512, validation_percent=10.0)
+  texts = {}
+  for where, path in (("bucket", "gs://bucket/corpus"), ("disk", small_corpus)):
+    cfg.path = path
+    texts[where] = list(data.load_text_split(cfg, "validation", str(tmp_path / "prepared" / where)).texts())
+  assert texts["bucket"] == texts["disk"] and len(texts["disk"]) > 0
 
 
 def test_bucket_workdir_train_resume_sample_evaluate(fake_gcs, tiny_config, tmp_path):
