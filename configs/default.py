@@ -12,13 +12,28 @@ def get_config(arg=None):
   config.seed = 0  # seeds init, data order, masking and periodic samples
   # diffusion (masked diffusion ELBO) | ar (the causal baseline, same network) | block (block diffusion,
   # BD3-LM: masked diffusion inside blocks of model.block_size tokens, autoregressive across blocks)
+  # | sft (instruction fine-tuning of masked diffusion, LLaDA's: the response given the prompt; data.source=jsonl)
   config.objective = "diffusion"
+  # Fine-tuning: a workdir (trained here, or converted with diffusion_lm.convert) whose EMA parameters and
+  # tokenizer a new workdir starts from; config.model must be the source's (configs/sft.py copies it).
+  config.init_from = ""
 
   config.data = data = ml_collections.ConfigDict()
-  data.source = "bundled"  # bundled (Shakespeare shipped in the package) | local (data.path) | tfds
-  data.path = ""  # for source=local: a text file or a folder of .txt/.txt.gz/.txt.xz/.txt.bz2 files
+  # bundled (Shakespeare shipped in the package) | local (data.path) | tfds | hf (Hugging Face datasets:
+  # data.hf_name) | jsonl (prompt/response pairs in data.path, one {"prompt": ..., "response": ...} a line, for
+  # objective=sft; validation_percent of them held out)
+  data.source = "bundled"
+  data.path = ""  # for source=local: a text file or a folder of .txt/.txt.gz/.txt.xz/.txt.bz2 files; jsonl: the file
   data.tfds_name = ""  # for source=tfds: a tfds dataset name, e.g. "lm1b"
-  data.text_key = "text"  # for source=tfds: the feature holding the text
+  data.text_key = "text"  # for source=tfds / hf: the feature (column) holding the text
+  # for source=hf: a Hub dataset name (needs pip install datasets) or a local save_to_disk folder / parquet /
+  # JSON-lines files (read without it); splits may carry a row range: train[:-100000] (see diffusion_lm/hf_data.py)
+  data.hf_name = ""
+  data.hf_config = ""  # for source=hf from the Hub: the dataset's configuration name, if it has several
+  data.detokenize = ""  # rewrite each text before tokenizing: "" | lm1b (undo LM1B's spaced punctuation, as MDLM)
+  # each window = end-of-document id + seq_len - 2 tokens + end-of-document id (MDLM / BD3-LM wrapped data);
+  # False: seq_len tokens of the stream
+  data.frame_windows = False
   data.train_split = "train"  # split to train on (and to train the tokenizer on)
   data.eval_split = "validation"  # split for the validation ELBO
   data.validation_percent = 5.0  # local text: share of passages held out for validation
@@ -33,7 +48,9 @@ def get_config(arg=None):
   # char | sentencepiece (both trained on the train split on first use) | hf (a Hugging Face tokenizer.json
   # read from tokenizer.hf_path, e.g. bert-base-uncased's or gpt2's; copied into the workdir)
   tok.kind = "sentencepiece"
-  tok.vocab_size = 2048  # sentencepiece only: pieces in the vocabulary ([MASK] comes on top)
+  # sentencepiece: pieces in the vocabulary ([MASK] comes on top); hf: the file's size, which only aot and bench
+  # read (they size a model without the file)
+  tok.vocab_size = 2048
   tok.model_type = "unigram"  # sentencepiece only: unigram | bpe
   tok.max_sentences = 300_000  # sentencepiece only: lines sampled for training it
   tok.hf_path = ""  # hf only: path of the tokenizer.json (needed on the first run; later runs use the workdir's copy)

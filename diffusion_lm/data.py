@@ -33,7 +33,7 @@ from diffusion_lm import corpora, paths
 from diffusion_lm.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.xz", ".txt.bz2")
-SOURCES = ("bundled", "local", "text8", "tfds", "jsonl")
+SOURCES = ("bundled", "local", "text8", "tfds", "hf", "jsonl")
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 TEXT8_SPLITS = {"train": (0.0, 0.9), "validation": (0.9, 0.95), "test": (0.95, 1.0)}  # 90M / 5M / 5M
 
@@ -217,6 +217,7 @@ class TextSplit:
   order: np.ndarray
   doc_ends: np.ndarray
   text_key: str
+  transform: object = None  # str -> str applied to each text (data.detokenize), or None
 
   def __len__(self):
     return len(self.order)
@@ -224,7 +225,42 @@ class TextSplit:
   def texts(self) -> Iterator[str]:
     for i in self.order:
       value = self.source[int(i)][self.text_key]
-      yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
+      text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+      yield self.transform(text) if self.transform is not None else text
+
+
+# data.detokenize="lm1b": LM1B's text comes with spaces around punctuation and clitics ("it 's , a"); the
+# MDLM and BD3-LM data pipelines undo that before tokenizing, with these rewrites in this order.
+LM1B_REWRITES = (
+    ("http : / / ", "http://", False), ("https : / / ", "https://", False),
+    (r" '(\w+)", r"'\1", True), (r" (\w+) \. ", r" \1. ", True), (r" (\w+) \.$", r" \1.", True),
+    (" ? ", "? ", False), (r" \?$", "?", True), (" ! ", "! ", False), (r" \!$", "!", True),
+    (" , ", ", ", False), (" : ", ": ", False), (" ; ", "; ", False), (" / ", "/", False),
+    (r'" ([^"]+) "', r'"\1"', True), (r"' ([^']+) '", r"'\1'", True),
+    (r"\( ([^()]+) \)", r"(\1)", True), (r"\[ ([^\[\]]+) \]", r"[\1]", True),
+    ("$ ", "$", False), ("\u00a3 ", "\u00a3", False),
+)
+
+
+def lm1b_detokenize(text: str) -> str:
+  """LM1B text with the tokenizer-style spacing undone (see LM1B_REWRITES)."""
+  import re  # pylint: disable=g-import-not-at-top
+  for pattern, replacement, is_regex in LM1B_REWRITES:
+    text = re.sub(pattern, replacement, text) if is_regex else text.replace(pattern, replacement)
+  return text
+
+
+DETOKENIZERS = {"lm1b": lm1b_detokenize}
+
+
+def _with_detokenizer(split: TextSplit, data_config) -> TextSplit:
+  name = data_config.get("detokenize", "")
+  if not name:
+    return split
+  if name not in DETOKENIZERS:
+    raise UserError(f"data.detokenize={name!r}; allowed: '' (off), {', '.join(DETOKENIZERS)}")
+  fingerprint = hashlib.sha256(f"{split.fingerprint}:detokenize={name}".encode()).hexdigest()[:12]
+  return dataclasses.replace(split, fingerprint=fingerprint, transform=DETOKENIZERS[name])
 
 
 def _local_path(data_config) -> str:
@@ -261,8 +297,12 @@ def load_text_split(data_config, split: str, data_dir: str, coordinate: bool = T
   """Prepares (once) and opens one split of the configured text source.
 
   coordinate: every process calls this together (process 0 prepares first, see `_prepare`); False
-  when only one process calls it.
+  when only one process calls it. data.detokenize, when set, rewrites each text as it is read.
   """
+  return _with_detokenizer(_load_text_split(data_config, split, data_dir, coordinate), data_config)
+
+
+def _load_text_split(data_config, split: str, data_dir: str, coordinate: bool = True) -> TextSplit:
   _check_data_config(data_config)
   if data_config.source == "jsonl":
     raise UserError("data.source='jsonl' holds prompt/response pairs, not running text; allowed: objective='sft' "
@@ -296,6 +336,12 @@ def load_text_split(data_config, split: str, data_dir: str, coordinate: bool = T
 
   if data_config.source == "text8":
     return _text8_split(data_config, split, data_dir, coordinate)
+
+  if data_config.source == "hf":
+    from diffusion_lm import hf_data  # pylint: disable=g-import-not-at-top
+    rows, lo, hi, fingerprint = hf_data.load_split(data_config, split)
+    name = hf_data.parse_split(split)[0]  # the cache file name: no brackets
+    return TextSplit(name, fingerprint, rows, np.arange(lo, hi), np.ones(hi - lo, dtype=bool), data_config.text_key)
 
   name = data_config.tfds_name
   base = name.split("/")[0].split(":")[0]
@@ -528,28 +574,41 @@ class Windows:
 
   `token_chars` (int[V], from `token_char_counts`) gives each window's character count, which
   bits per character needs; windows without it serve training only.
+  `frame_id` (data.frame_windows): each window is frame_id, then seq_len - 2 tokens of the stream, then
+  frame_id again, as the wrapped data of MDLM and BD3-LM are; the two frame tokens encode no text.
   """
 
   def __init__(self, tokens: np.ndarray, seq_len: int, split_name: str = "train",
-               token_chars: np.ndarray | None = None):
-    if len(tokens) < seq_len:
+               token_chars: np.ndarray | None = None, frame_id: int | None = None):
+    self.stride = seq_len - 2 if frame_id is not None else seq_len
+    if frame_id is not None and seq_len < 3:
+      raise UserError(f"data.seq_len={seq_len} with data.frame_windows; allowed: 3 or more")
+    if len(tokens) < self.stride:
       raise UserError(f"the {split_name} split has {len(tokens)} tokens, fewer than one sequence of "
                       f"data.seq_len={seq_len}; allowed: a smaller seq_len or more text")
     self.tokens = tokens
     self.seq_len = seq_len
     self.token_chars = token_chars
+    self.frame_id = frame_id
 
   def __len__(self):
-    return len(self.tokens) // self.seq_len
+    return len(self.tokens) // self.stride
 
   def rows(self, indices) -> np.ndarray:
-    starts = np.asarray(indices, dtype=np.int64) * self.seq_len
-    return np.stack([np.asarray(self.tokens[s:s + self.seq_len], dtype=np.int32) for s in starts])
+    starts = np.asarray(indices, dtype=np.int64) * self.stride
+    rows = np.stack([np.asarray(self.tokens[s:s + self.stride], dtype=np.int32) for s in starts])
+    if self.frame_id is not None:
+      frame = np.full((len(rows), 1), self.frame_id, dtype=np.int32)
+      rows = np.concatenate([frame, rows, frame], axis=1)
+    return rows
 
   def row_chars(self, rows_NxL: np.ndarray) -> np.ndarray:
     """Characters of text each row of tokens encodes: int64[N]."""
     if self.token_chars is None:
       raise ValueError("these windows were built without token_chars; pass data.token_char_counts(tokenizer)")
+    rows_NxL = np.asarray(rows_NxL)
+    if self.frame_id is not None:
+      rows_NxL = rows_NxL[:, 1:-1]
     return np.asarray(self.token_chars, dtype=np.int64)[rows_NxL].sum(axis=-1)
 
 

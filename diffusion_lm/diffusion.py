@@ -55,8 +55,22 @@ def masked_nll(logits_BxLxK: jax.Array, tokens_BxL: jax.Array, is_masked_BxL: ja
   return -jnp.sum(jnp.where(is_masked_BxL, token_log_probs_BxL, 0.0), axis=-1)
 
 
+def hold_positions(noisy_BxL, is_masked_BxL, tokens_BxL, keep_BxL):
+  """The draw with the `keep_BxL` positions (True: e.g. a prompt) left clean and never scored."""
+  if keep_BxL is None:
+    return noisy_BxL, is_masked_BxL
+  return jnp.where(keep_BxL, tokens_BxL, noisy_BxL), is_masked_BxL & ~keep_BxL
+
+
+def split_prompt(rows_BxL):
+  """(tokens, is_prompt) of rows that store prompt tokens as their complement ~id (negative), the
+  prompt/response rows of data.source='jsonl' (objective 'sft'); other rows come back unchanged."""
+  is_prompt_BxL = rows_BxL < 0
+  return jnp.where(is_prompt_BxL, ~rows_BxL, rows_BxL), is_prompt_BxL
+
+
 def diffusion_loss(denoiser: Denoiser, tokens_BxL: jax.Array, key: jax.Array, schedule: Schedule,
-                   mask_id: int, t_B: jax.Array | None = None) -> dict[str, jax.Array]:
+                   mask_id: int, t_B: jax.Array | None = None, keep_BxL=None) -> dict[str, jax.Array]:
   """Monte Carlo estimate of the continuous-time negative ELBO (MD4 / MDLM), per sequence.
 
     -ELBO(x0) = E_{t ~ U(0,1)} E_{x_t} [ w(t) * sum_{i masked in x_t} -log p(x0_i | x_t) ],
@@ -72,6 +86,7 @@ def diffusion_loss(denoiser: Denoiser, tokens_BxL: jax.Array, key: jax.Array, sc
     schedule: the masking schedule.
     mask_id: the [MASK] id (= number of data tokens K).
     t_B: optional times (e.g. a stratified evaluation grid); antithetic draws when None.
+    keep_BxL: optional bool positions never masked nor scored (a prompt: the bound of the rest given it).
   Returns:
     dict of float32[B] arrays: `nelbo` (nats per sequence), `num_masked`, `t`.
   """
@@ -87,6 +102,7 @@ def diffusion_loss(denoiser: Denoiser, tokens_BxL: jax.Array, key: jax.Array, sc
     alpha_B = schedule.alpha(t_B)
     weight_B = schedule.weight(t_B)
   noisy_BxL, is_masked_BxL = forward_mask(mask_key, tokens_BxL, alpha_B, mask_id)
+  noisy_BxL, is_masked_BxL = hold_positions(noisy_BxL, is_masked_BxL, tokens_BxL, keep_BxL)
   logits_BxLxK = denoiser(noisy_BxL, t_B)
   nll_B = masked_nll(logits_BxLxK, tokens_BxL, is_masked_BxL)
   return {
@@ -97,7 +113,7 @@ def diffusion_loss(denoiser: Denoiser, tokens_BxL: jax.Array, key: jax.Array, sc
 
 
 def discrete_loss(denoiser: Denoiser, tokens_BxL: jax.Array, key: jax.Array, schedule: Schedule,
-                  mask_id: int, num_steps: int, u_B: jax.Array | None = None) -> dict[str, jax.Array]:
+                  mask_id: int, num_steps: int, u_B: jax.Array | None = None, keep_BxL=None) -> dict[str, jax.Array]:
   """Monte Carlo estimate of the exact T-step discrete-time negative ELBO, per sequence (nats).
 
     -ELBO_T(x0) = sum_{i=1..T} E_{x_{t_i}} [ (alpha(s_i) - alpha(t_i)) / (1 - alpha(t_i))
@@ -120,6 +136,7 @@ def discrete_loss(denoiser: Denoiser, tokens_BxL: jax.Array, key: jax.Array, sch
   alpha_t, alpha_s = schedule.alpha(t_B), schedule.alpha(s_B)
   weight_B = num_steps * (alpha_s - alpha_t) / jnp.maximum(1.0 - alpha_t, 1e-12)
   noisy_BxL, is_masked_BxL = forward_mask(mask_key, tokens_BxL, alpha_t, mask_id)
+  noisy_BxL, is_masked_BxL = hold_positions(noisy_BxL, is_masked_BxL, tokens_BxL, keep_BxL)
   nll_B = masked_nll(denoiser(noisy_BxL, t_B), tokens_BxL, is_masked_BxL)
   return {"nelbo": weight_B * nll_B, "t": t_B}
 

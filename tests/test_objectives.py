@@ -199,7 +199,7 @@ def test_generation_stops_at_the_end_of_document_token_and_may_exceed_max_len():
 
 
 def test_objectives_registry():
-  assert objectives.OBJECTIVES == ("diffusion", "ar", "block")
+  assert objectives.OBJECTIVES == ("diffusion", "ar", "block", "sft")
   assert objectives.of_model(ModelConfig(vocab_size=5, block_size=4)).name == "block"
   assert objectives.of_model(ModelConfig(vocab_size=5, causal=True)).name == "ar"
   assert objectives.of_model(ModelConfig(vocab_size=5)).name == "diffusion"

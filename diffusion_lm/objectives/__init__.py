@@ -4,6 +4,7 @@
   ar         the autoregressive baseline: causal attention, exact next-token likelihood, KV-cache decoding
   block      block diffusion (BD3-LM): masked diffusion inside blocks of `model.block_size` tokens,
              conditioned on every earlier block clean; block-causal attention, KV-cache block decoding
+  sft        instruction fine-tuning (LLaDA SFT): masked diffusion of the response given the prompt
 
 Adding an objective is one module here with an `Objective` subclass, registered below.
 """
@@ -13,8 +14,9 @@ from diffusion_lm.objectives.ar import Autoregressive
 from diffusion_lm.objectives.base import Objective
 from diffusion_lm.objectives.block import BlockDiffusion
 from diffusion_lm.objectives.diffusion import MaskedDiffusion
+from diffusion_lm.objectives.sft import PromptedDiffusion
 
-_REGISTRY = {o.name: o for o in (MaskedDiffusion(), Autoregressive(), BlockDiffusion())}
+_REGISTRY = {o.name: o for o in (MaskedDiffusion(), Autoregressive(), BlockDiffusion(), PromptedDiffusion())}
 OBJECTIVES = tuple(_REGISTRY)
 
 

@@ -19,8 +19,13 @@ class MaskedDiffusion(Objective):
   attention = "bidirectional"
   default_sampler = "ancestral"
 
+  def split(self, tokens_BxL):
+    """(clean tokens, positions held clean or None) of a batch; prompted objectives override it."""
+    return tokens_BxL, None
+
   def loss(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id):
-    out = diffusion.diffusion_loss(bind(model, params), tokens_BxL, key, schedule, mask_id)
+    tokens_BxL, keep_BxL = self.split(tokens_BxL)
+    out = diffusion.diffusion_loss(bind(model, params), tokens_BxL, key, schedule, mask_id, keep_BxL=keep_BxL)
     return out["nelbo"], out["num_masked"]
 
   def eval_nats(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id, num_t_samples,
@@ -28,17 +33,18 @@ class MaskedDiffusion(Objective):
     """Time draws are stratified: the k-th of n draws for a row is at (k + u) / n with one uniform u per
     row, an unbiased low-variance estimate."""
     apply, schedule = bind(model, params), schedule.bound_schedule
+    tokens_BxL, keep_BxL = self.split(tokens_BxL)
     batch_size = tokens_BxL.shape[0]
     time_key, mask_key, discrete_key = jax.random.split(key, 3)
     u_B = jax.random.uniform(time_key, (batch_size,))
 
     def body(k, totals):
       cont = diffusion.diffusion_loss(apply, tokens_BxL, jax.random.fold_in(mask_key, k), schedule, mask_id,
-                                      t_B=stratified_times(k, u_B, num_t_samples))["nelbo"]
+                                      t_B=stratified_times(k, u_B, num_t_samples), keep_BxL=keep_BxL)["nelbo"]
       if not discrete_steps:
         return totals[0] + cont, totals[1]
       disc = diffusion.discrete_loss(apply, tokens_BxL, jax.random.fold_in(discrete_key, k), schedule, mask_id,
-                                     discrete_steps, u_B=(k + u_B) / num_t_samples)["nelbo"]
+                                     discrete_steps, u_B=(k + u_B) / num_t_samples, keep_BxL=keep_BxL)["nelbo"]
       return totals[0] + cont, totals[1] + disc
 
     zeros = jnp.zeros((batch_size,), jnp.float32)

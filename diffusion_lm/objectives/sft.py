@@ -1,0 +1,25 @@
+"""Instruction fine-tuning of a masked diffusion model (LLaDA's SFT): the response given the prompt.
+
+Rows come from data.source='jsonl' (see data.PromptResponseRows): prompt tokens stored as their
+complement ~id, then the response, then end-of-text padding up to the row length. The prompt is never
+masked and never scored; every other position is, the padding included, so the model learns where an
+answer ends (LLaDA pads with |EOS| and counts it as response). The loss is the masked-diffusion ELBO
+of those positions, so a prompt-conditioned sample (`sample --prompt`) answers.
+"""
+
+from diffusion_lm import diffusion
+from diffusion_lm.errors import UserError
+from diffusion_lm.objectives.diffusion import MaskedDiffusion
+
+
+class PromptedDiffusion(MaskedDiffusion):
+  name = "sft"
+  bound = "continuous-time ELBO of the response given the prompt"
+
+  def split(self, tokens_BxL):
+    return diffusion.split_prompt(tokens_BxL)
+
+  def check(self, config) -> None:
+    if config.data.source != "jsonl":
+      raise UserError(f"objective='sft' with data.source={config.data.source!r}; allowed: data.source='jsonl' "
+                      "(prompt/response pairs in data.path)")
