@@ -333,7 +333,7 @@ def _fresh_run(config):
   import jax  # pylint: disable=g-import-not-at-top
   from diffusion_lm import experiment, sharding, tokenizers  # pylint: disable=g-import-not-at-top
   from diffusion_lm.model import Transformer  # pylint: disable=g-import-not-at-top
-  size = config.tokenizer.vocab_size if config.tokenizer.kind == "sentencepiece" else 96
+  size = config.tokenizer.vocab_size if config.tokenizer.kind in ("sentencepiece", "hf") else 96
   tokenizer = tokenizers.CharTokenizer([chr(0x100 + i) for i in range(size - 1)])
   mesh = sharding.make_mesh(config.mesh)
   model = Transformer(experiment.model_config(config, tokenizer.vocab_size))
