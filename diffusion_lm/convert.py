@@ -139,7 +139,9 @@ def model_settings(hf: dict, family: str) -> tuple[dict, str, dict]:
   """(ModelConfig fields with vocab_size, objective, {"eos_id", "mask_id"}) of a config.json."""
   if SECTION in hf:  # exported here: the model exactly as it was
     section = dict(hf[SECTION])
-    return section["model"], section["objective"], {"eos_id": hf.get("eos_token_id"),
+    # Instruction tuning is a way of training a masked diffusion model, on data the folder does not hold.
+    objective = "diffusion" if section["objective"] == "sft" else section["objective"]
+    return section["model"], objective, {"eos_id": hf.get("eos_token_id"),
                                                     "mask_id": section["model"].get("mask_token_id", -1)}
   if family == "llada":
     for key, allowed in (("include_bias", (False,)), ("input_emb_norm", (False,)), ("scale_logits", (False,)),

@@ -216,7 +216,8 @@ def initialize_from(state: TrainState, source_workdir: str, mesh, shardings) -> 
     raise UserError(f"init_from={source_workdir!r} holds a model of another shape than config.model describes; "
                     "allowed: the source's own model settings (e.g. --config=configs/sft.py:SOURCE)")
   params = jax.device_put(source.params, shardings.params)
-  return state.replace(params=params, ema_params=params)
+  # Separate buffers: the train step donates the state, and one buffer donated twice is invalid.
+  return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
 
 
 def param_count(params) -> int:
