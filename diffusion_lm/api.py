@@ -118,13 +118,14 @@ def generate_tokens(trained, *, prompt: str = "", suffix: str = "", infill: str 
 
 def evaluate(trained, workdir: str, *, split: str | None = None, max_batches: int | None = None,
              num_t_samples: int | None = None, seed: int | None = None, discrete_steps: int | None = None,
-             raw_params: bool = False) -> dict:
+             raw_params: bool = False, cache: dict | None = None) -> dict:
   """The likelihood bound of a split (default: the config's data.eval_split), as one record.
 
   Keys: nll_per_token (nats), bits_per_token, perplexity (a bound), bits_per_char, the subset counts
   (capped, windows_scored, windows_in_split, tokens_scored, chars_scored), and what was scored
   (split, checkpoint_step, params, objective, bound, schedule, num_t_samples, seed). Arguments left
-  None take the config's evaluation.* values; the same arguments give the same figures.
+  None take the config's evaluation.* values; the same arguments give the same figures. `cache` (a
+  dict kept by the caller) holds the windows and the compiled evaluator between calls.
   """
   config = trained.config
   split = split or config.data.eval_split
@@ -133,9 +134,14 @@ def evaluate(trained, workdir: str, *, split: str | None = None, max_batches: in
                       ("discrete_steps", discrete_steps)):
     if value is not None:
       eval_config[name] = value
-  windows, _ = experiment.load_windows(config, workdir, trained.tokenizer, split)
-  evaluator = experiment.Evaluator(trained.model, trained.schedule, trained.tokenizer.mask_id, trained.mesh,
-                                   trained.param_shardings, eval_config, config.objective, trained.tokenizer.eos_id)
+  cache = {} if cache is None else cache
+  key = (split, eval_config.to_json())
+  if key not in cache:
+    windows, _ = experiment.load_windows(config, workdir, trained.tokenizer, split)
+    cache[key] = windows, experiment.Evaluator(trained.model, trained.schedule, trained.tokenizer.mask_id,
+                                               trained.mesh, trained.param_shardings, eval_config, config.objective,
+                                               trained.tokenizer.eos_id)
+  windows, evaluator = cache[key]
   result = evaluator(trained.params, windows)
   return {
       **result,
@@ -237,6 +243,7 @@ class Run:
     self.trained = trained
     self.use_ema = use_ema
     self._generators = _Generators(trained)
+    self._evaluators = {}
 
   @property
   def config(self):
@@ -264,7 +271,8 @@ class Run:
 
   def evaluate(self, split: str | None = None, **kwargs) -> dict:
     """The likelihood bound on a split; kwargs: max_batches, num_t_samples, seed, discrete_steps."""
-    return evaluate(self.trained, self.workdir, split=split, raw_params=not self.use_ema, **kwargs)
+    return evaluate(self.trained, self.workdir, split=split, raw_params=not self.use_ema, cache=self._evaluators,
+                    **kwargs)
 
   def metrics(self) -> Table:
     return read_metrics(self.workdir)
