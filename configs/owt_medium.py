@@ -1,4 +1,4 @@
-"""OpenWebText at GPT-2-medium size: 24 x 1024, sequences of 1024.
+"""OpenWebText at GPT-2-medium size (MDLM's "medium": 24 x 1024, 16 heads), data and optimizer as owt_small.py.
 
 Sized for a TPU v5p 4x4x4 slice (64 chips: data 4 x FSDP 16, each a product of torus axes);
 check without a TPU:

@@ -152,7 +152,7 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
     raise UserError(f"training.batch_size={batch} is not divisible by the data-parallel size {dp} of "
                     f"{topology} with mesh {dict(mesh.shape)}; allowed: a multiple of {dp}")
   if vocab_size is None:
-    vocab_size = config.tokenizer.vocab_size if config.tokenizer.kind == "sentencepiece" else 256
+    vocab_size = config.tokenizer.vocab_size if config.tokenizer.kind in ("sentencepiece", "hf") else 256
   model = Transformer(experiment.model_config(config, vocab_size))
   tx, _ = experiment.make_optimizer(config)
   abstract_state, shardings = experiment.state_shardings(model, tx, mesh, seq_len)
