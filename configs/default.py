@@ -98,6 +98,9 @@ def get_config(arg=None):
   tr.sample_every = 1000  # steps between printed samples (and at the end; 0: never)
   tr.checkpoint_every = 500  # steps between checkpoints (and always at the end / on SIGTERM)
   tr.keep_checkpoints = 3  # newest checkpoints kept
+  # AR -> diffusion adaptation (configs/demo_adapt.py): over the first N steps each position sees a linearly
+  # growing random share of the later positions, from causal to bidirectional (DiffuLLaMA); 0 = off
+  tr.attention_anneal_steps = 0
   tr.on_nonfinite = "stop"  # a NaN/inf loss or gradient: stop (naming the last good checkpoint) | skip the update
   # jax.profiler traces of these steps (1 = the first step), one trace per run of consecutive steps, into
   # WORKDIR/profile (TensorBoard's profile tab, ui.perfetto.dev); e.g. --config.training.profile_steps="(10,11,12)"

@@ -36,6 +36,10 @@ def check_config(config) -> None:
     raise UserError(f"model.block_size={config.model.block_size} with objective={objective.name!r}; allowed: 0 "
                     "(block_size is for objective='block')")
   objective.check(config)
+  anneal = config.training.get("attention_anneal_steps", 0)
+  if not isinstance(anneal, int) or anneal < 0 or (anneal and objective.name not in ("diffusion", "sft")):
+    raise UserError(f"training.attention_anneal_steps={anneal!r} with objective={objective.name!r}; allowed: 0, or an "
+                    "integer >= 1 with a masked diffusion objective (diffusion, sft)")
   if config.data.source == "jsonl" and objective.name != "sft":
     raise UserError(f"data.source='jsonl' with objective={objective.name!r}; allowed: objective='sft' (prompt/response "
                     "pairs)")
@@ -227,14 +231,15 @@ def param_count(params) -> int:
 # ----------------------------------------------------------------------------- steps
 
 
-def sequence_loss(params, tokens_BxL, key, *, model, schedule, mask_id, objective="diffusion", bos_id=0):
-  """Per-sequence loss in nats (a negative ELBO estimate, or the exact NLL for ar) and the mask count."""
+def sequence_loss(params, tokens_BxL, key, *, model, schedule, mask_id, objective="diffusion", bos_id=0, **extra):
+  """Per-sequence loss in nats (a negative ELBO estimate, or the exact NLL for ar) and the mask count.
+  extra: visible_future (attention-mask annealing, masked diffusion only; see train_step)."""
   return objectives.get(objective).loss(model, params, tokens_BxL, key, schedule=schedule, mask_id=mask_id,
-                                        bos_id=bos_id)
+                                        bos_id=bos_id, **extra)
 
 
 def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_id, ema_decay,
-               objective="diffusion", bos_id=0):
+               objective="diffusion", bos_id=0, anneal_steps=0):
   """One optimizer step; a non-finite loss or gradient leaves the state unchanged.
 
   Metrics (float32 scalars): loss (nats per token), bits_per_token, grad_norm, param_norm, mask_rate,
@@ -244,10 +249,13 @@ def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_
   """
   step_key = jax.random.fold_in(key, state.step)
   seq_len = tokens_BxL.shape[1]
+  # Attention-mask annealing (AR -> diffusion adaptation, training.attention_anneal_steps): the share of
+  # future positions each position may see grows linearly from causal to fully bidirectional.
+  extra = {"visible_future": jnp.minimum((state.step + 1) / anneal_steps, 1.0)} if anneal_steps else {}
 
   def loss_fn(params):
     loss_B, masked_B = sequence_loss(params, tokens_BxL, step_key, model=model, schedule=schedule,
-                                     mask_id=mask_id, objective=objective, bos_id=bos_id)
+                                     mask_id=mask_id, objective=objective, bos_id=bos_id, **extra)
     return jnp.mean(loss_B) / seq_len, masked_B
 
   (loss, masked_B), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -288,7 +296,8 @@ def jit_train_step(config, model, tx, mesh, shardings, mask_id: int, bos_id: int
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule_from_config(config), mask_id=mask_id,
-                        ema_decay=config.optimizer.ema_decay, objective=config.objective, bos_id=bos_id),
+                        ema_decay=config.optimizer.ema_decay, objective=config.objective, bos_id=bos_id,
+                        anneal_steps=int(config.training.get("attention_anneal_steps", 0))),
       in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
       out_shardings=(shardings, replicated), donate_argnums=0)
 

@@ -23,9 +23,18 @@ class MaskedDiffusion(Objective):
     """(clean tokens, positions held clean or None) of a batch; prompted objectives override it."""
     return tokens_BxL, None
 
-  def loss(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id):
+  def loss(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id, visible_future=None):
+    """visible_future (attention-mask annealing, DiffuLLaMA): each position sees every earlier one and
+    this share of the later ones, drawn at random per step (one pattern for the batch)."""
     tokens_BxL, keep_BxL = self.split(tokens_BxL)
-    out = diffusion.diffusion_loss(bind(model, params), tokens_BxL, key, schedule, mask_id, keep_BxL=keep_BxL)
+    apply = bind(model, params)
+    if visible_future is not None:
+      key, anneal_key = jax.random.split(key)
+      length = tokens_BxL.shape[1]
+      mask_LxL = jnp.tril(jnp.ones((length, length), bool)) | (
+          jax.random.uniform(anneal_key, (length, length)) < visible_future)
+      apply = lambda tokens, t=None, bound=apply: bound(tokens, t, mask_QxK=mask_LxL)
+    out = diffusion.diffusion_loss(apply, tokens_BxL, key, schedule, mask_id, keep_BxL=keep_BxL)
     return out["nelbo"], out["num_masked"]
 
   def eval_nats(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id, num_t_samples,
