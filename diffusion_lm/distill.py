@@ -89,6 +89,8 @@ def distill(config, teacher_workdir: str, workdir: str, stop_after: int | None =
   if teacher_step is None:
     raise UserError(f"--teacher_workdir={teacher_workdir!r} holds no checkpoint; train it first with "
                     "python -m diffusion_lm.train")
+  teacher = experiment.load_trained(teacher_workdir)
+  distillation.check_objective(teacher.model.config)
   _check_writable(workdir)
   saved_step, saved = checkpointing.read_saved_config(workdir)
   if saved is not None:
@@ -100,9 +102,9 @@ def distill(config, teacher_workdir: str, workdir: str, stop_after: int | None =
       if record.get(name) != config.distill[name]:
         raise UserError(f"workdir {workdir!r} was distilled with distill.{name}={record.get(name)!r}, "
                         f"{config.distill[name]!r} requested; use a new --workdir or the same settings")
-    teacher_step = record["teacher_checkpoint_step"]
-  teacher = experiment.load_trained(teacher_workdir)
-  distillation.check_objective(teacher.model.config)
+    if record.get("teacher_checkpoint_step") != teacher.step:
+      raise UserError(f"the teacher workdir {teacher_workdir!r} now holds step {teacher.step}, the distillation in "
+                      f"{workdir!r} started from step {record.get('teacher_checkpoint_step')}; use a new --workdir")
   mesh, model, tokenizer = teacher.mesh, teacher.model, teacher.tokenizer
   t = config.training
   if t.batch_size % sharding.data_parallel_size(mesh):
