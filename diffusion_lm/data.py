@@ -525,7 +525,18 @@ def _encoded_batches(text_split: TextSplit, tokenizer, processes: int, batch_cha
     return
   import collections  # pylint: disable=g-import-not-at-top
   import multiprocessing  # pylint: disable=g-import-not-at-top
-  with multiprocessing.get_context("spawn").Pool(processes, _init_worker, (tokenizer,)) as pool:
+  import sys  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  # A spawned worker first re-imports the caller's main script, which reruns a script whose top level
+  # is not guarded by `if __name__ == "__main__"`; the workers need nothing from it (their code lives in
+  # this package), so they start from an empty main module instead.
+  main = sys.modules["__main__"]
+  sys.modules["__main__"] = types.ModuleType("__main__")
+  try:
+    pool = multiprocessing.get_context("spawn").Pool(processes, _init_worker, (tokenizer,))
+  finally:
+    sys.modules["__main__"] = main
+  with pool:
     in_flight = collections.deque()
     for batch in batches:
       in_flight.append((pool.apply_async(_encode_batch_in_worker, (batch,)), len(batch),
