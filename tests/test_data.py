@@ -260,3 +260,27 @@ def test_tokenizer_processes_write_the_same_cache(kind, small_corpus, tmp_path, 
     assert open(a, "rb").read() == open(b, "rb").read()
   with pytest.raises(UserError, match="data.tokenize_processes=-1"):
     data.tokenize_split(split, tok, str(tmp_path / "three"), processes=-1)
+
+
+def test_tokenizer_processes_do_not_rerun_an_unguarded_script(tmp_path):
+  """A script calling the library at its top level (no `if __name__ == "__main__"`) runs once."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  fixtures = os.path.join(root, "tests", "fixtures")
+  script = tmp_path / "script.py"
+  script.write_text(f"""import sys
+sys.path.insert(0, {root!r})
+from configs import default
+from diffusion_lm import data, tokenizers
+config = default.get_config().data
+config.update(source="hf", hf_name={os.path.join(fixtures, "hf_dataset", "train.jsonl")!r})
+split = data.load_text_split(config, "train", {str(tmp_path)!r})
+tok = tokenizers.HFTokenizer.from_file({os.path.join(fixtures, "bytelevel_bpe_tokenizer.json")!r})
+data.BATCH_CHARS = 200
+print("ran", len(data.tokenize_split(split, tok, {str(tmp_path / "tokens")!r}, processes=2).tokens), flush=True)
+""")
+  out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert [line.split()[0] for line in out.stdout.splitlines()] == ["ran"], out.stdout
