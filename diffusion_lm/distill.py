@@ -21,7 +21,7 @@ import jax
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from diffusion_lm import checkpointing, distillation, experiment, sharding, tokenizers
+from diffusion_lm import checkpointing, distillation, experiment, paths, sharding, tokenizers
 from diffusion_lm.errors import UserError, cli_main, parse_flags
 from diffusion_lm.metrics import MetricWriter
 from diffusion_lm.tokenizers import atomic_write_bytes
@@ -62,7 +62,7 @@ def student_config(teacher_saved: dict, config, rounds: distillation.Rounds, tea
   parent = teacher_saved.get("distill", {})
   out["distill"] = {
       **experiment.config_to_dict(config.distill),
-      "teacher_workdir": os.path.abspath(teacher_workdir),
+      "teacher_workdir": paths.resolve(teacher_workdir),
       "teacher_checkpoint_step": teacher_step,
       # A distilled teacher's own origin, so a chain of distillations stays traceable.
       "teacher_distilled_from": parent.get("teacher_workdir", ""),
@@ -82,7 +82,7 @@ def distill(config, teacher_workdir: str, workdir: str, stop_after: int | None =
   """
   # ------------------------------------------------------------------ config, teacher, resume check
   rounds = _check_config(config)
-  workdir, teacher_workdir = os.path.abspath(workdir), os.path.abspath(teacher_workdir)
+  workdir, teacher_workdir = paths.resolve(workdir), paths.resolve(teacher_workdir)  # gs:// stays gs://
   if workdir == teacher_workdir:
     raise UserError(f"--workdir={workdir!r} is the teacher's workdir; allowed: another directory")
   teacher_step, teacher_saved = checkpointing.read_saved_config(teacher_workdir)
@@ -141,7 +141,7 @@ def distill(config, teacher_workdir: str, workdir: str, stop_after: int | None =
       state = init(copy(teacher.params), copy(teacher.params))
       teacher_params = copy(teacher.params)
     if jax.process_index() == 0:
-      atomic_write_bytes(os.path.join(workdir, "config.json"), json.dumps(config_dict(0), indent=2).encode())
+      atomic_write_bytes(paths.join(workdir, "config.json"), json.dumps(config_dict(0), indent=2).encode())
   del teacher  # its parameters live on as round 0's teacher
   start_step = int(state.step)
   _log(f"distilling {teacher_workdir} (step {teacher_step}, {objective_name(model)}) into {workdir}: "
@@ -239,7 +239,7 @@ def distill(config, teacher_workdir: str, workdir: str, stop_after: int | None =
             message += f"; student validation bits/char {result['bits_per_char']:.4f} (ELBO bound)"
           _log(message)
           if jax.process_index() == 0:
-            atomic_write_bytes(os.path.join(workdir, "config.json"),
+            atomic_write_bytes(paths.join(workdir, "config.json"),
                                json.dumps(config_dict(progress["rounds_done"]), indent=2).encode())
         if round_end or preemption.requested or manager.should_save(step_done):
           save(step_done, force=round_end or preemption.requested or step_done == total)
