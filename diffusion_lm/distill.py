@@ -144,8 +144,13 @@ def distill(config, teacher_workdir: str, workdir: str, stop_after: int | None =
       atomic_write_bytes(paths.join(workdir, "config.json"), json.dumps(config_dict(0), indent=2).encode())
   del teacher  # its parameters live on as round 0's teacher
   start_step = int(state.step)
+  if start_step >= rounds.total_steps:
+    manager.close()
+    _log(f"{workdir} already holds the finished distillation ({rounds.num_rounds} round(s), "
+         f"{rounds.final_steps}-step student); nothing to do")
+    return {}
   _log(f"distilling {teacher_workdir} (step {teacher_step}, {objective_name(model)}) into {workdir}: "
-       f"{rounds.num_rounds} rounds {' -> '.join(str(rounds.teacher_steps(r)) for r in range(rounds.num_rounds + 1))}"
+       f"{rounds.num_rounds} round{'s' if rounds.num_rounds > 1 else ''} {' -> '.join(str(rounds.teacher_steps(r)) for r in range(rounds.num_rounds + 1))}"
        f" steps, {rounds.steps_per_round} optimizer steps each, batch {t.batch_size} x {student.data.seq_len}")
 
   # ------------------------------------------------------------------ compiled steps

@@ -160,6 +160,18 @@ def test_round_plan_and_bad_settings():
     distillation.divergence(jnp.zeros((1, K)), jnp.zeros((1, K)), "kl")
 
 
+def test_shipped_configs_are_valid_plans():
+  """The command's default config file exists (it is found from the package, not the working directory)
+  and both shipped configs pass the checks the command runs first."""
+  from configs import demo_distill
+  from configs import distill as distill_config
+  from diffusion_lm import distill as distill_command
+  assert os.path.isfile(distill_command.DEFAULT_CONFIG)
+  assert distill_command._check_config(distill_config.get_config()).num_rounds == 5  # 256 -> 8
+  demo = distill_command._check_config(demo_distill.get_config())
+  assert (demo.start_steps, demo.final_steps, demo.num_rounds) == (64, 8, 3)
+
+
 # ----------------------------------------------------------------------------- end to end (tiny config)
 
 
