@@ -160,6 +160,32 @@ def test_round_plan_and_bad_settings():
     distillation.divergence(jnp.zeros((1, K)), jnp.zeros((1, K)), "kl")
 
 
+def test_block_denoiser_sees_its_block_noisy_and_earlier_blocks_clean():
+  """Block diffusion: the logits of block b's noisy positions depend on block b's noisy tokens and on
+  the clean tokens of blocks < b only (BD3-LM's conditioning), whatever else changes."""
+  from configs import tiny
+  from diffusion_lm.model import Transformer
+  config = tiny.get_config()
+  config.objective, config.model.block_size = "block", 8
+  model = Transformer(experiment.model_config(config, 20))
+  seq_len, size = config.data.seq_len, 8
+  params = model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32), jnp.zeros((1,)))["params"]
+  clean = jax.random.randint(jax.random.key(1), (1, seq_len), 0, 20)
+  noisy = jnp.where(jax.random.uniform(jax.random.key(2), (1, seq_len)) < 0.5, 20, clean)
+  t = jnp.ones((1, seq_len))
+  logits = jax.jit(lambda c, x: distillation.denoiser(model, params, c)(x, t))
+  base = np.asarray(logits(clean, noisy))
+  b, lo, hi = 2, 2 * size, 3 * size
+  other = (clean + 1) % 20
+  later_clean = clean.at[:, lo:].set(other[:, lo:])  # clean blocks >= b
+  other_noisy = noisy.at[:, :lo].set(20).at[:, hi:].set(other[:, hi:])  # noisy blocks != b
+  np.testing.assert_allclose(np.asarray(logits(later_clean, other_noisy))[:, lo:hi], base[:, lo:hi], atol=1e-5)
+  earlier_clean = clean.at[:, :lo].set(other[:, :lo])
+  assert np.abs(np.asarray(logits(earlier_clean, noisy))[:, lo:hi] - base[:, lo:hi]).max() > 1e-3
+  own_noisy = noisy.at[:, lo:hi].set(other[:, lo:hi])
+  assert np.abs(np.asarray(logits(clean, own_noisy))[:, lo:hi] - base[:, lo:hi]).max() > 1e-3
+
+
 def test_shipped_configs_are_valid_plans():
   """The command's default config file exists (it is found from the package, not the working directory)
   and both shipped configs pass the checks the command runs first."""
