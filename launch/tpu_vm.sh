@@ -71,7 +71,7 @@ case "$cmd" in
     ssh_all "$name" "$zone" "mkdir -p ~/$REMOTE_DIR && tar -xzf ~/diffusion_lm.tgz -C ~/$REMOTE_DIR && rm ~/diffusion_lm.tgz \
 && python3 -m pip install --user --quiet --upgrade uv \
 && ~/.local/bin/uv venv --allow-existing --python $PYTHON_VERSION ~/$VENV \
-&& cd ~/$REMOTE_DIR && ~/.local/bin/uv pip install --quiet --python ~/$VENV/bin/python -e '.[tpu]'"
+&& cd ~/$REMOTE_DIR && ~/.local/bin/uv pip install --quiet --python ~/$VENV/bin/python -e '.[tpu,gcs]'"
     ;;
   train)
     config="${4:?CONFIG required}"

@@ -119,7 +119,7 @@ def test_tpu_vm_setup_ships_the_project_and_a_python_jax_accepts(tmp_path):
     assert SpecifierSet(spec).contains(python + ".0"), (spec, python)
   assert not any("gcsfuse" in w for w in words)
   install = words[words.index("pip", words.index("venv")):]
-  assert install[-2:] == ["-e", ".[tpu]"] and "--python" in install
+  assert install[-2:] == ["-e", ".[tpu,gcs]"] and "--python" in install
   too_old = subprocess.run(["bash", "launch/tpu_vm.sh", "setup", "t", "z"], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "DRY_RUN": "1", "PYTHON_VERSION": "3.10"}, timeout=60)
   assert too_old.returncode == 2 and "PYTHON_VERSION=3.10; allowed: 3.11 or newer" in too_old.stderr
