@@ -45,7 +45,8 @@ class Generation:
   def describe(self) -> str:
     per = f" per {self.block_size}-token block" if self.block_size else ""
     cfg = self.sampler
-    return (f"{len(self.texts)} samples, {self.seq_len} tokens, {cfg.name} sampler, {cfg.steps} steps{per}"
+    cache = f" with the approximate {cfg.approx_cache} cache" if cfg.approx_cache != "none" else ""
+    return (f"{len(self.texts)} samples, {self.seq_len} tokens, {cfg.name} sampler{cache}, {cfg.steps} steps{per}"
             f"{' (max)' if cfg.name == 'threshold' else ''}, seed {self.seed}, checkpoint step {self.step}")
 
 

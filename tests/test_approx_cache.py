@@ -97,3 +97,11 @@ def test_settings_that_cannot_use_the_cache_are_refused():
   block_model = Transformer(dataclasses.replace(CFG, block_size=4, time_conditioning=False))
   with pytest.raises(UserError, match="bidirectional"):
     block_model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32), approx_cache="store")
+
+
+def test_the_sample_header_says_the_cache_is_approximate():
+  from diffusion_lm.api import Generation
+  cfg = SamplerConfig(name="blocks", steps=8, block_length=4, approx_cache="dual")
+  header = Generation(texts=["a"], output=None, template=None, sampler=cfg, seq_len=16, seed=0, step=3,
+                      block_size=0).describe()
+  assert "blocks sampler with the approximate dual cache, 8 steps" in header
