@@ -132,6 +132,20 @@ def estimated_seconds(cost: dict, chip: Chip) -> tuple[float, str]:
   return max(flops / chip.peak_bf16_flops, moved / chip.hbm_bandwidth), "roofline"
 
 
+def _compile(lowered, what: str, topology: str):
+  """lowered.compile(); XLA running out of device memory becomes one line naming what does not fit."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    return lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    message = str(e)
+    if "RESOURCE_EXHAUSTED" not in message:
+      raise
+    detail = next((line.strip() for line in message.splitlines() if "RESOURCE_EXHAUSTED" in line), message)
+    raise UserError(f"{what} does not fit on {topology}: {detail[:300]}; allowed: more chips, a larger fsdp axis, "
+                    "bfloat16, remat or a smaller batch") from None
+
+
 def check(config, topology: str, vocab_size: int | None = None, sample_batch: int = 0, log=print) -> dict:
   """Compiles train step and sampler for `topology`; returns the figures (also printed via log)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
@@ -162,7 +176,7 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
   mask_id = vocab_size
   step = experiment.jit_train_step(config, model, tx, mesh, shardings, mask_id, bos_id=0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    train = step.lower(abstract_state, tokens, key).compile()
+    train = _compile(step.lower(abstract_state, tokens, key), "the train step", topology)
 
     sample_batch = sample_batch or batch
     cfg = sampler_config(config.sampling)
@@ -176,9 +190,9 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
     sample_tokens = jax.ShapeDtypeStruct((sample_batch, seq_len), jnp.int32, sharding=sharding.batch_sharding(mesh))
     ids = jax.ShapeDtypeStruct((sample_batch,), jnp.int32, sharding=sharding.batch_sharding(mesh))
     forward = None
-    sampler = jax.jit(run, in_shardings=(shardings.params, replicated, sharding.batch_sharding(mesh),
-                                         sharding.batch_sharding(mesh))).lower(
-        abstract_state.params, key, sample_tokens, ids).compile()
+    sample = jax.jit(run, in_shardings=(shardings.params, replicated, sharding.batch_sharding(mesh),
+                                        sharding.batch_sharding(mesh)))
+    sampler = _compile(sample.lower(abstract_state.params, key, sample_tokens, ids), "the sampler", topology)
     if objective.name == "diffusion":
       # XLA's cost model counts a loop body once: the sampler's time is estimated as T forwards.
       t_B = jax.ShapeDtypeStruct((sample_batch,), jnp.float32, sharding=sharding.batch_sharding(mesh))

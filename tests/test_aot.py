@@ -76,3 +76,11 @@ def test_block_and_ar_configs_compile_their_own_decoders(tiny_config, objective,
   assert result["objective"] == objective and result["sampler_memory_gib_per_chip"] > 0
   # Cached decoding is no T-forward loop: no T x forward estimate is claimed for it.
   assert "sampler_estimated_s" not in result
+
+
+def test_a_model_too_large_for_the_slice_is_one_line(tiny_config):
+  from diffusion_lm import aot
+  # ~2.1B float32 parameters, replicated on each of 4 v5e chips (16 GiB HBM): state alone ~34 GB per chip.
+  tiny_config.model.update(d_model=8192, mlp_dim=32768, num_heads=64, num_layers=2)
+  with pytest.raises(UserError, match=r"the train step does not fit on v5e:2x2: .*RESOURCE_EXHAUSTED.*; allowed: "):
+    aot.check(tiny_config, "v5e:2x2", log=lambda m: None)
