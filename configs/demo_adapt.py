@@ -29,7 +29,9 @@ def get_config(arg=None):
       config.model.update(json.load(f)["model"])  # the source's network, exactly
   config.objective = "diffusion"
   config.model.shift_logits = True
-  config.optimizer.update(learning_rate=1e-3, warmup_steps=20, ema_decay=0.99)
-  config.training.update(num_steps=300, attention_anneal_steps=100, eval_every=300, sample_every=300,
+  # The demo's peak rate and a short anneal: lr 3e-3 / anneal 50 reached 2.706 bits/char, lr 1e-3 / anneal 100
+  # 2.724 (README table).
+  config.optimizer.update(learning_rate=3e-3, warmup_steps=20, ema_decay=0.99)
+  config.training.update(num_steps=300, attention_anneal_steps=50, eval_every=300, sample_every=300,
                          checkpoint_every=100)
   return config
