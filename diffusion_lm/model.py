@@ -528,6 +528,10 @@ class Transformer(nn.Module):
       raise UserError(f"approx_cache={approx_cache!r}; allowed: store, reuse")
     if approx_cache and (decode or cfg.causal or cfg.block_size or mask_QxK is not None):
       raise UserError("approx_cache needs a bidirectional masked-diffusion model without decode/mask_QxK")
+    if approx_cache == "reuse" and cfg.shift_logits:
+      # A chunk's first position is predicted by the position before it, which a chunk does not compute.
+      raise UserError("approx_cache='reuse' with model.shift_logits=True (Dream-style); allowed: the approximate "
+                      "cache off (--approx_cache=none) for shifted models")
     if approx_cache == "reuse" and positions_L is None:
       raise UserError("approx_cache='reuse' needs positions_L, the chunk's positions")
     if decode and not (cfg.causal or cfg.block_size):

@@ -197,3 +197,11 @@ def test_fine_tune_a_converted_checkpoint_and_export_it(imported, tmp_path):
   back = experiment.load_trained(back_dir)
   assert back.model.config == tuned.model.config and back.config.objective == "diffusion"
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back.params, tuned.params)
+
+
+def test_shifted_model_refuses_the_chunked_approximate_cache(imported):
+  _, trained = imported["dream"]
+  tokens, _ = _reference("dream")
+  with pytest.raises(UserError, match="shift_logits"):
+    trained.model.apply({"params": trained.params}, jnp.asarray(tokens[:, :4]), approx_cache="reuse",
+                        positions_L=jnp.arange(4), mutable=["approx_cache"])
