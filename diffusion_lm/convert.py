@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_lm import checkpointing, experiment, paths, tokenizers
-from diffusion_lm.errors import UserError, cli_main, parse_flags
+from diffusion_lm.errors import CONFIGS_DIR, UserError, cli_main, parse_flags
 from diffusion_lm.model import ModelConfig, Transformer
 
 FAMILIES = ("llama", "qwen2", "gpt2", "llada", "dream")
@@ -344,7 +344,7 @@ def _check_tree(params, model: Transformer, seq_len: int) -> None:
 
 def _default_config():
   """configs/default.py's config (every field), which the workdir's config starts from."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+  path = os.path.join(CONFIGS_DIR, "default.py")
   spec = importlib.util.spec_from_file_location("_diffusion_lm_default_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -22,12 +22,11 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from diffusion_lm import checkpointing, distillation, experiment, paths, sharding, tokenizers
-from diffusion_lm.errors import UserError, cli_main, parse_flags
+from diffusion_lm.errors import CONFIGS_DIR, UserError, cli_main, parse_flags
 from diffusion_lm.metrics import MetricWriter
-from diffusion_lm.tokenizers import atomic_write_bytes
 from diffusion_lm.train import _check_writable, _log, _Preemption
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "distill.py")
+DEFAULT_CONFIG = os.path.join(CONFIGS_DIR, "distill.py")
 # Settings that must not change between a run and its resumption.
 _PLAN_FIELDS = ("start_steps", "final_steps", "factor", "steps_per_round", "divergence", "teacher_from")
 
@@ -141,7 +140,7 @@ def distill(config, teacher_workdir: str, workdir: str, stop_after: int | None =
       state = init(copy(teacher.params), copy(teacher.params))
       teacher_params = copy(teacher.params)
     if jax.process_index() == 0:
-      atomic_write_bytes(paths.join(workdir, "config.json"), json.dumps(config_dict(0), indent=2).encode())
+      paths.write_bytes(paths.join(workdir, "config.json"), json.dumps(config_dict(0), indent=2).encode())
   del teacher  # its parameters live on as round 0's teacher
   start_step = int(state.step)
   if start_step >= rounds.total_steps:
@@ -244,7 +243,7 @@ def distill(config, teacher_workdir: str, workdir: str, stop_after: int | None =
             message += f"; student validation bits/char {result['bits_per_char']:.4f} (ELBO bound)"
           _log(message)
           if jax.process_index() == 0:
-            atomic_write_bytes(paths.join(workdir, "config.json"),
+            paths.write_bytes(paths.join(workdir, "config.json"),
                                json.dumps(config_dict(progress["rounds_done"]), indent=2).encode())
         if round_end or preemption.requested or manager.should_save(step_done):
           save(step_done, force=round_end or preemption.requested or step_done == total)
