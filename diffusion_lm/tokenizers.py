@@ -35,6 +35,27 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
   paths.write_bytes(path, data)
 
 
+def decode_runs(ids, decode_run, mask_id: int, eos_id: int, vocab_size: int, show_mask: bool) -> str:
+  """Text of ids for a subword vocabulary: each run of data ids decoded whole by `decode_run` (so pieces
+  join as the vocabulary joins them), [MASK] as "_" (when show_mask), end-of-document as a blank line;
+  other ids (padding rows) are skipped."""
+  run, out = [], []
+  for i in np.asarray(ids).tolist():
+    if i == mask_id or i == eos_id:
+      if run:
+        out.append(decode_run(run))
+        run = []
+      if i == eos_id:
+        out.append("\n\n")
+      elif show_mask:
+        out.append("_")
+    elif 0 <= i < vocab_size:
+      run.append(i)
+  if run:
+    out.append(decode_run(run))
+  return "".join(out)
+
+
 class CharTokenizer:
   """One id per character seen in the training text, plus end-of-document."""
 
@@ -146,21 +167,7 @@ class SentencePieceTokenizer:
     return list(self.sp.encode(text))
 
   def decode(self, ids: Sequence[int], show_mask: bool = True) -> str:
-    pieces, out = [], []
-    for i in np.asarray(ids).tolist():
-      if i == self.mask_id or i == self.eos_id:
-        if pieces:
-          out.append(self.sp.decode(pieces))
-          pieces = []
-        if i == self.eos_id:
-          out.append("\n\n")
-        elif show_mask:
-          out.append("_")
-      elif 0 <= i < self.vocab_size:
-        pieces.append(i)
-    if pieces:
-      out.append(self.sp.decode(pieces))
-    return "".join(out)
+    return decode_runs(ids, self.sp.decode, self.mask_id, self.eos_id, self.vocab_size, show_mask)
 
   def token_text(self, i: int) -> str:
     """The text of one data token (for step-by-step displays); byte pieces show as their byte."""
@@ -269,21 +276,8 @@ class HFTokenizer:
     return list(self.tok.encode(text, add_special_tokens=False).ids)
 
   def decode(self, ids: Sequence[int], show_mask: bool = True) -> str:
-    run, out = [], []
-    for i in np.asarray(ids).tolist():
-      if i == self.mask_id or i == self.eos_id:
-        if run:
-          out.append(self.tok.decode(run, skip_special_tokens=False))
-          run = []
-        if i == self.eos_id:
-          out.append("\n\n")
-        elif show_mask:
-          out.append("_")
-      elif 0 <= i < self.vocab_size:
-        run.append(i)
-    if run:
-      out.append(self.tok.decode(run, skip_special_tokens=False))
-    return "".join(out)
+    return decode_runs(ids, lambda run: self.tok.decode(run, skip_special_tokens=False), self.mask_id, self.eos_id,
+                       self.vocab_size, show_mask)
 
   def token_text(self, i: int) -> str:
     """The text of one data token (for step-by-step displays)."""
