@@ -24,7 +24,7 @@ from tqdm import tqdm
 from diffusion_lm import checkpointing, distillation, experiment, paths, sharding, tokenizers
 from diffusion_lm.errors import CONFIGS_DIR, UserError, cli_main, parse_flags
 from diffusion_lm.metrics import MetricWriter
-from diffusion_lm.train import _check_writable, _log, _Preemption
+from diffusion_lm.train import _check_writable, _log, _Preemption, report_final
 
 DEFAULT_CONFIG = os.path.join(CONFIGS_DIR, "distill.py")
 # Settings that must not change between a run and its resumption.
@@ -283,13 +283,7 @@ def main(argv):
   if not FLAGS.workdir:
     raise UserError("--workdir is required, e.g. --workdir=runs/demo_distill")
   logging.getLogger("absl").setLevel(logging.WARNING)
-  try:
-    final = distill(FLAGS.config, FLAGS.teacher_workdir, FLAGS.workdir)
-  except FloatingPointError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(3)
-  if jax.process_index() == 0 and final:
-    print(json.dumps({k: round(float(v), 5) for k, v in final.items()}), flush=True)
+  report_final(distill, FLAGS.config, FLAGS.teacher_workdir, FLAGS.workdir)
 
 
 if __name__ == "__main__":

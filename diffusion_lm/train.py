@@ -288,8 +288,14 @@ def main(argv):
   from diffusion_lm import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.heartbeat_timeout)
+  report_final(train_and_evaluate, FLAGS.config, FLAGS.workdir)
+
+
+def report_final(run, *args) -> None:
+  """Runs a training command's `run(*args)`: a non-finite stop exits with code 3 and its one line; the
+  final metrics print as one JSON line (process 0)."""
   try:
-    final = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    final = run(*args)
   except FloatingPointError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(3)
