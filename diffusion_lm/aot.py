@@ -196,8 +196,8 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
     if objective.name == "diffusion":
       # XLA's cost model counts a loop body once: the sampler's time is estimated as T forwards.
       t_B = jax.ShapeDtypeStruct((sample_batch,), jnp.float32, sharding=sharding.batch_sharding(mesh))
-      forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(
-          abstract_state.params, sample_tokens, t_B).compile()
+      forward = _compile(jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(
+          abstract_state.params, sample_tokens, t_B), "the denoiser forward", topology)
 
   cost = _cost(train)
   seconds, method = estimated_seconds(cost, chip)
