@@ -101,6 +101,10 @@ def get_config(arg=None):
   # AR -> diffusion adaptation (configs/demo_adapt.py): over the first N steps each position sees a linearly
   # growing random share of the later positions, from causal to bidirectional (DiffuLLaMA); 0 = off
   tr.attention_anneal_steps = 0
+  # Forward and backward pass in this many microbatches per step, gradients summed (the same loss and update up
+  # to float summation order): 0 = auto (CPUs: microbatches of ~512 tokens per device, which keep activations in
+  # the caches; accelerators: 1); set N to fit a batch in memory (N divides the per-device batch)
+  tr.microbatches = 0
   tr.on_nonfinite = "stop"  # a NaN/inf loss or gradient: stop (naming the last good checkpoint) | skip the update
   # jax.profiler traces of these steps (1 = the first step), one trace per run of consecutive steps, into
   # WORKDIR/profile (TensorBoard's profile tab, ui.perfetto.dev); e.g. --config.training.profile_steps="(10,11,12)"

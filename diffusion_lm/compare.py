@@ -23,7 +23,7 @@ import time
 from diffusion_lm.errors import UserError
 
 PACKAGE = "diffusion_lm"
-MODULES = ("experiment", "model", "sampling", "sharding")
+MODULES = ("experiment", "model", "objectives", "sampling", "sharding")
 
 
 def extract_revision(rev: str, repo: str | None = None) -> str:
@@ -105,9 +105,9 @@ def build_side(label: str, mods: dict, config, vocab_size: int, eos_id: int, sam
   schedule = experiment.schedule_from_config(config)
   cfg = sampling.SamplerConfig(name="ancestral", steps=sampler_steps)
 
-  def sample(p, key, x, ids):
-    return sampling.sample(lambda xx, tt: model.apply({"params": p}, xx, tt), key, x, ids, cfg, schedule=schedule,
-                           mask_id=vocab_size, time_independent=not model.config.time_conditioning).tokens
+  def sample(p, key, x, ids):  # the objective's own sampling, as generate/sample run it
+    return mods["objectives"].of_model(model.config).generate(model, p, key, x, ids, cfg, schedule=schedule,
+                                                              mask_id=vocab_size, bos_id=eos_id, eos_id=eos_id).tokens
 
   masked = jnp.full((sample_batch, seq_len), vocab_size, jnp.int32)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):

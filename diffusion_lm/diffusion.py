@@ -90,6 +90,17 @@ def diffusion_loss(denoiser: Denoiser, tokens_BxL: jax.Array, key: jax.Array, sc
   Returns:
     dict of float32[B] arrays: `nelbo` (nats per sequence), `num_masked`, `t`.
   """
+  noise = diffusion_noise(tokens_BxL, key, schedule, mask_id, t_B=t_B, keep_BxL=keep_BxL)
+  return {**noised_loss(denoiser, noise), "t": noise["t"]}
+
+
+def diffusion_noise(tokens_BxL: jax.Array, key: jax.Array, schedule: Schedule, mask_id: int,
+                    t_B: jax.Array | None = None, keep_BxL=None) -> dict[str, jax.Array]:
+  """The random part of diffusion_loss, per row: {tokens, noisy, is_masked, t, weight}, each leading with B.
+
+  Drawn for the whole batch at once (antithetic times couple the rows); noised_loss of any subset of
+  rows is then that subset's share of the loss (training in microbatches).
+  """
   batch_size = tokens_BxL.shape[0]
   time_key, mask_key = jax.random.split(key)
   if schedule.name == "mlm":
@@ -103,13 +114,14 @@ def diffusion_loss(denoiser: Denoiser, tokens_BxL: jax.Array, key: jax.Array, sc
     weight_B = schedule.weight(t_B)
   noisy_BxL, is_masked_BxL = forward_mask(mask_key, tokens_BxL, alpha_B, mask_id)
   noisy_BxL, is_masked_BxL = hold_positions(noisy_BxL, is_masked_BxL, tokens_BxL, keep_BxL)
-  logits_BxLxK = denoiser(noisy_BxL, t_B)
-  nll_B = masked_nll(logits_BxLxK, tokens_BxL, is_masked_BxL)
-  return {
-      "nelbo": weight_B * nll_B,
-      "num_masked": jnp.sum(is_masked_BxL, axis=-1).astype(jnp.float32),
-      "t": t_B,
-  }
+  return {"tokens": tokens_BxL, "noisy": noisy_BxL, "is_masked": is_masked_BxL, "t": t_B, "weight": weight_B}
+
+
+def noised_loss(denoiser: Denoiser, noise: dict) -> dict[str, jax.Array]:
+  """{nelbo, num_masked}, float32[B]: the loss of diffusion_noise's rows under the denoiser."""
+  nll_B = masked_nll(denoiser(noise["noisy"], noise["t"]), noise["tokens"], noise["is_masked"])
+  return {"nelbo": noise["weight"] * nll_B,
+          "num_masked": jnp.sum(noise["is_masked"], axis=-1).astype(jnp.float32)}
 
 
 def discrete_loss(denoiser: Denoiser, tokens_BxL: jax.Array, key: jax.Array, schedule: Schedule,

@@ -269,9 +269,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, cond_BxD, decode: bool = False, commit: bool = True, positions_L=None,
-               mask_QxK=None, rope=None, approx_cache: str = ""):
+               mask_QxK=None, rope=None, approx_cache: str = "", query_at_BxQ=None):
     """rope: the (cos_LxD, sin_LxD) tables of the positions (Transformer computes them once for all blocks).
-    approx_cache: "" | "store" | "reuse" (see Transformer)."""
+    approx_cache: "" | "store" | "reuse" (see Transformer).
+    query_at_BxQ: int32 positions (bidirectional attention only): keys and values come from every position,
+    everything else (queries, attention output, MLP) is computed at these positions only, and the block
+    returns their rows, [B, Q, D]."""
     cfg = self.config
     dtype = DTYPES[cfg.dtype]
     if cond_BxD is not None:
@@ -287,7 +290,11 @@ class Block(nn.Module):
     h = make_norm(cfg, "attn_norm")(x_BxLxD) * (1 + scale1) + shift1
     w_qkv, b_qkv = self._qkv_params(dtype)
     fuse = _fuse_kernels(x_BxLxD.shape[0] * x_BxLxD.shape[1], cfg.d_model)
-    if decode:
+    if query_at_BxQ is not None:
+      rows = lambda a: jnp.take_along_axis(a, query_at_BxQ[:, :, None], axis=1)
+      attn = self._attention_at(h, rows(h), w_qkv, b_qkv, rope, query_at_BxQ, fuse)
+      x_BxLxD = rows(x_BxLxD)
+    elif decode:
       attn = self._cached_attention(_project_qkv(h, w_qkv, fuse, b_qkv), commit)
     elif approx_cache:
       attn = self._approx_cached_attention(_project_qkv(h, w_qkv, fuse, b_qkv), rope, positions_L, approx_cache)
@@ -353,6 +360,18 @@ class Block(nn.Module):
     b_qkv = [expand(self.param(f"{name}_bias", bias_init, (heads[name], cfg.head_dim)), name).astype(dtype)
              for name in heads]
     return w_qkv, b_qkv
+
+  def _attention_at(self, h_BxLxD, h_BxQxD, w_qkv, b_qkv, rope, query_at_BxQ, fuse: bool):
+    """Bidirectional attention of the queries at query_at_BxQ (their normed rows h_BxQxD) over the keys and
+    values of every position; [B, Q, H, D]."""
+    cfg = self.config
+    kv = _project_qkv(h_BxLxD, w_qkv[1:], fuse, b_qkv[1:])
+    q = _project_qkv(h_BxQxD, w_qkv[:1], False, b_qkv[:1])[:, :, 0]
+    cos_LxD, sin_LxD = rope if rope is not None else position_tables(cfg, jnp.arange(h_BxLxD.shape[1]))
+    k = apply_rope(kv[:, :, 0], cos_LxD[:, None, :], sin_LxD[:, None, :])
+    scale = cfg.head_dim**-0.5
+    q = apply_rope(q, cos_LxD[query_at_BxQ][:, :, None, :] * scale, sin_LxD[query_at_BxQ][:, :, None, :] * scale)
+    return self._attend(q, k, kv[:, :, 1], None)
 
   def _attend(self, q_BxQxHxD, k_BxSxHxD, v_BxSxHxD, mask_QxS):
     """Attention of scaled queries by the configured implementation (auto: dot_attention); [B, Q, H, D]."""
@@ -512,7 +531,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, t_B=None, decode: bool = False, *, commit: bool = True, positions_L=None,
-               mask_QxK=None, approx_cache: str = ""):
+               mask_QxK=None, approx_cache: str = "", outputs_at=None, trunk=None, return_trunk: bool = False):
     """Logits for every position.
 
     decode=True (causal and block-diffusion models): the tokens are the next chunk after the "cache"
@@ -522,8 +541,19 @@ class Transformer(nn.Module):
     approx_cache (bidirectional models; the approximate caches of Fast-dLLM): "store" runs the whole
     sequence and keeps every layer's keys/values (mutable "approx_cache"); "reuse" runs only the chunk
     at positions_L (consecutive), attending to the kept keys/values elsewhere.
+    outputs_at (bidirectional models): int32[B, Q] positions; returns logits_BxQxK of those only. The last
+    block computes its queries, attention output and MLP there alone (keys and values at every position),
+    so a sampler that needs a few positions' predictions skips most of the last block and the head.
+    return_trunk / trunk (bidirectional models): the network in two parts, the input of the last block
+    ([B, L, D], "the trunk") and the rest from it: apply(tokens, t, trunk=apply(tokens, t,
+    return_trunk=True), outputs_at=...) equals apply(tokens, t, outputs_at=...) (a sampler keeps the
+    trunk while the tokens do not change).
     """
     cfg = self.config
+    if outputs_at is not None or trunk is not None or return_trunk:
+      if decode or approx_cache or mask_QxK is not None or positions_L is not None or cfg.causal or cfg.block_size:
+        raise UserError("outputs_at / trunk / return_trunk need a bidirectional model without decode, approx_cache, "
+                        "positions_L or mask_QxK")
     if approx_cache not in ("", "store", "reuse"):
       raise UserError(f"approx_cache={approx_cache!r}; allowed: store, reuse")
     if approx_cache and (decode or cfg.causal or cfg.block_size or mask_QxK is not None):
@@ -542,9 +572,12 @@ class Transformer(nn.Module):
     embed = nn.Embed(cfg.padded_vocab, cfg.d_model, dtype=dtype, name="embed",
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
-    x = embed(tokens_BxL)
-    if cfg.position == "learned":
-      x = x + self._learned_positions(tokens_BxL.shape[1], decode, commit, positions_L).astype(dtype)
+    if trunk is None:
+      x = embed(tokens_BxL)
+      if cfg.position == "learned":
+        x = x + self._learned_positions(tokens_BxL.shape[1], decode, commit, positions_L).astype(dtype)
+    else:
+      x = trunk.astype(dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     cond = None
@@ -562,8 +595,15 @@ class Transformer(nn.Module):
     rope = None if decode else position_tables(cfg, jnp.arange(tokens_BxL.shape[1]) if positions_L is None
                                                else positions_L)
     block = nn.remat(Block, static_argnums=(3, 4, 8)) if cfg.remat else Block
-    for i in range(cfg.num_layers):
+    last = cfg.num_layers - 1
+    for i in range(last if trunk is None else 0):
       x = block(cfg, name=f"block_{i}")(x, cond, decode, commit, positions_L, mask_QxK, rope, approx_cache)
+    if return_trunk:
+      return x
+    # Shifted families (Dream) predict token i at position i - 1 (position 0 at itself).
+    query_at = None if outputs_at is None else (
+        jnp.maximum(outputs_at - 1, 0) if cfg.shift_logits else outputs_at).astype(jnp.int32)
+    x = block(cfg, name=f"block_{last}")(x, cond, decode, commit, positions_L, mask_QxK, rope, approx_cache, query_at)
     x = make_norm(cfg, "final_norm")(x)
     if cfg.tie_embeddings:
       head = embed.embedding.T
@@ -571,14 +611,14 @@ class Transformer(nn.Module):
       head = Kernel((cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), name="head")()
     # SUBS: no probability on [MASK] or padding rows. Unless an axis shards the vocabulary (whose padded
     # width divides it), their columns are not computed at all when slicing the kernel is the cheaper copy.
-    if _vocab_unsharded() and tokens_BxL.shape[0] * tokens_BxL.shape[1] >= cfg.d_model:
+    if _vocab_unsharded() and x.shape[0] * x.shape[1] >= cfg.d_model:
       logits = jnp.einsum("bld,dv->blv", x, head[:, :cfg.vocab_size].astype(dtype))
       logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     else:
       logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype))
       logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
       logits = logits[..., :cfg.vocab_size]
-    return self._family_outputs(logits)
+    return self._family_outputs(logits, shift=outputs_at is None)
 
   def _learned_positions(self, length: int, decode: bool, commit, positions_L):
     """float32[L, D_model] rows of the learned position table (model.position='learned') for the chunk.
@@ -600,7 +640,7 @@ class Transformer(nn.Module):
       positions_L = jnp.arange(length)
     return jnp.take(table, jnp.minimum(positions_L, cfg.max_len - 1), axis=0)
 
-  def _family_outputs(self, logits_BxLxV):
+  def _family_outputs(self, logits_BxLxV, shift: bool = True):
     """Imported families' output conventions: an in-vocabulary [MASK] gets no probability (SUBS), and
     a shifted network (Dream: position i predicts token i + 1) is realigned so position i predicts
     token i; position 0, which nothing predicts, takes its own output (Dream's convention)."""
@@ -608,7 +648,7 @@ class Transformer(nn.Module):
     if cfg.mask_token_id >= 0:
       is_mask_V = jnp.arange(logits_BxLxV.shape[-1]) == cfg.mask_token_id
       logits_BxLxV = jnp.where(is_mask_V, MASK_LOGIT, logits_BxLxV)
-    if cfg.shift_logits:
+    if cfg.shift_logits and shift:
       logits_BxLxV = jnp.concatenate([logits_BxLxV[:, :1], logits_BxLxV[:, :-1]], axis=1)
     return logits_BxLxV
 

@@ -20,6 +20,14 @@ class Autoregressive(Objective):
     nll_B = autoregressive.next_token_nll(bind(model, params), tokens_BxL, bos_id)
     return nll_B, 0.0 * nll_B
 
+  def noise(self, tokens_BxL, key, *, schedule, mask_id, bos_id):
+    del key, schedule, mask_id, bos_id  # nothing random: the rows are the tokens
+    return {"tokens": tokens_BxL}
+
+  def row_losses(self, model, params, rows, *, bos_id):
+    nll_B = autoregressive.next_token_nll(bind(model, params), rows["tokens"], bos_id)
+    return nll_B, 0.0 * nll_B
+
   def eval_nats(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id, num_t_samples,
                 discrete_steps):
     del key, schedule, mask_id, num_t_samples, discrete_steps

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_lm import diffusion, samplers
-from diffusion_lm.objectives.base import Objective, bind
+from diffusion_lm.objectives.base import Objective, bind, bind_forward, bind_split
 from diffusion_lm.samplers import approx_cache
 
 
@@ -35,6 +35,16 @@ class MaskedDiffusion(Objective):
           jax.random.uniform(anneal_key, (length, length)) < visible_future)
       apply = lambda tokens, t=None, bound=apply: bound(tokens, t, mask_QxK=mask_LxL)
     out = diffusion.diffusion_loss(apply, tokens_BxL, key, schedule, mask_id, keep_BxL=keep_BxL)
+    return out["nelbo"], out["num_masked"]
+
+  def noise(self, tokens_BxL, key, *, schedule, mask_id, bos_id, visible_future=None):
+    if visible_future is not None:  # one attention pattern for the whole batch: not split by rows
+      return None
+    tokens_BxL, keep_BxL = self.split(tokens_BxL)
+    return diffusion.diffusion_noise(tokens_BxL, key, schedule, mask_id, keep_BxL=keep_BxL)
+
+  def row_losses(self, model, params, rows, *, bos_id):
+    out = diffusion.noised_loss(bind(model, params), rows)
     return out["nelbo"], out["num_masked"]
 
   def eval_nats(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id, num_t_samples,
@@ -68,6 +78,6 @@ class MaskedDiffusion(Objective):
     if cfg.approx_cache != "none":
       return approx_cache.sample(model, params, key, tokens_BxL, example_ids_B, cfg, schedule=schedule,
                                  mask_id=mask_id, return_trajectory=return_trajectory)
-    return samplers.sample(bind(model, params), key, tokens_BxL, example_ids_B, cfg, schedule=schedule, mask_id=mask_id,
-                           return_trajectory=return_trajectory,
-                           time_independent=not model.config.time_conditioning)
+    return samplers.sample(bind_forward(model, params), key, tokens_BxL, example_ids_B, cfg, schedule=schedule, mask_id=mask_id,
+                           return_trajectory=return_trajectory, time_independent=not model.config.time_conditioning,
+                           split=bind_split(model, params))

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_lm.samplers import confidence, remdm, threshold
-from diffusion_lm.samplers.common import (SampleOutput, Run, confidence_scores, draw_tokens, filter_logits,
-                                          guided, rank_desc, time_grid)
+from diffusion_lm.samplers.common import (SampleOutput, Run, SplitDenoiser, confidence_scores, draw_tokens,
+                                          filter_logits, guided, rank_desc, time_grid)
 from diffusion_lm.samplers.conditioning import prompt_tokens, template_tokens
 from diffusion_lm.samplers.config import (APPROX_CACHES, COMMIT_SCHEDULES, CONFIDENCES, REMASK_SCHEDULES, SAMPLERS, TIME_GRIDS,
                                           SamplerConfig, check_steps)
@@ -41,7 +41,7 @@ _STRATEGY = {"ancestral": remdm, "remdm": remdm, "confidence": confidence, "bloc
 
 def sample(denoiser: Callable, key: jax.Array, tokens_BxL: jax.Array, example_ids_B: jax.Array,
            cfg: SamplerConfig, *, schedule: Schedule, mask_id: int, return_trajectory: bool = False,
-           time_independent: bool = True) -> SampleOutput:
+           time_independent: bool = True, split: SplitDenoiser | None = None) -> SampleOutput:
   """Runs the configured sampler; call under jax.jit (cfg, schedule and mask_id are static).
 
   Args:
@@ -54,6 +54,8 @@ def sample(denoiser: Callable, key: jax.Array, tokens_BxL: jax.Array, example_id
     mask_id: the [MASK] id (= K).
     return_trajectory: also return the sequence after every step.
     time_independent: the denoiser ignores t (lets ancestral/remdm reuse logits across no-op steps).
+    split: the same denoiser in two parts (SplitDenoiser): ancestral and remdm then compute predictions
+      only at the positions a step reveals (not with guidance, whose denoiser is a combination).
   """
   tokens_BxL = tokens_BxL.astype(jnp.int32)
   given_BxL = tokens_BxL != mask_id
@@ -61,7 +63,8 @@ def sample(denoiser: Callable, key: jax.Array, tokens_BxL: jax.Array, example_id
     denoiser = guided(denoiser, given_BxL, mask_id, cfg.guidance)
   run = Run(denoiser=denoiser, keys_B=jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids_B),
             given_BxL=given_BxL, cfg=cfg, schedule=schedule.bound_schedule, mask_id=mask_id,
-            record_steps=cfg.steps if return_trajectory else 0, time_independent=time_independent)
+            record_steps=cfg.steps if return_trajectory else 0, time_independent=time_independent,
+            split=split if cfg.guidance <= 0 else None)
   return _STRATEGY[cfg.name].sample(run, tokens_BxL)
 
 
@@ -75,5 +78,5 @@ def ancestral_sample(denoiser, key, tokens_BxL, example_ids_B, *, steps: int, sc
 
 
 __all__ = ["APPROX_CACHES", "COMMIT_SCHEDULES", "CONFIDENCES", "REMASK_SCHEDULES", "SAMPLERS", "TIME_GRIDS", "SampleOutput",
-           "SamplerConfig", "ancestral_sample", "check_steps", "confidence_scores", "draw_tokens", "filter_logits",
+           "SamplerConfig", "SplitDenoiser", "ancestral_sample", "check_steps", "confidence_scores", "draw_tokens", "filter_logits",
            "guided", "prompt_tokens", "rank_desc", "sample", "template_tokens", "time_grid"]

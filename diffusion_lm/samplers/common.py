@@ -49,25 +49,35 @@ def draw_tokens(key_B, logits_BxLxK, cfg: SamplerConfig):
 
   The returned probabilities are those of the filtered, tempered distribution (for confidences).
   """
-  if cfg.temperature == 0:
-    logits = filter_logits(logits_BxLxK, cfg.top_k, cfg.top_p)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), jax.nn.softmax(logits, axis=-1)
-  logits = filter_logits(logits_BxLxK / cfg.temperature, cfg.top_k, cfg.top_p)
-  probs = jax.nn.softmax(logits, axis=-1)
-  if cfg.float64:
-    # Gumbel-max in float64: float32 Gumbel noise is bounded (about 16 nats above its mode), so
-    # tokens far below the top one are never drawn; that lowers sample entropy and distorts
-    # generative perplexity.
-    def one(k, lg):
-      gumbel = jax.random.gumbel(k, lg.shape, dtype=jnp.float64)
-      return jnp.argmax(jax.nn.log_softmax(lg.astype(jnp.float64), axis=-1) + gumbel, axis=-1)
-    tokens = jax.vmap(one)(key_B, logits)
-  else:
+  if cfg.temperature == 0 or not cfg.float64:
     # Inverse-CDF draw: one uniform per position instead of one Gumbel per (position, token), which
     # on a 1024-token vocabulary is most of a sampling step's cost beyond the forward pass.
-    u_BxL = jax.vmap(lambda k: jax.random.uniform(k, probs.shape[1:-1] + (1,)))(key_B)[..., 0]
-    tokens = inverse_cdf(u_BxL, probs)
-  return tokens.astype(jnp.int32), probs
+    u_BxL = None if cfg.temperature == 0 else draw_uniforms(key_B, logits_BxLxK.shape[1])
+    return draw_tokens_with(u_BxL, logits_BxLxK, cfg)
+  logits = filter_logits(logits_BxLxK / cfg.temperature, cfg.top_k, cfg.top_p)
+  # Gumbel-max in float64: float32 Gumbel noise is bounded (about 16 nats above its mode), so
+  # tokens far below the top one are never drawn; that lowers sample entropy and distorts
+  # generative perplexity.
+  def one(k, lg):
+    gumbel = jax.random.gumbel(k, lg.shape, dtype=jnp.float64)
+    return jnp.argmax(jax.nn.log_softmax(lg.astype(jnp.float64), axis=-1) + gumbel, axis=-1)
+  return jax.vmap(one)(key_B, logits).astype(jnp.int32), jax.nn.softmax(logits, axis=-1)
+
+
+def draw_uniforms(key_B, length: int):
+  """float32[B, L]: the uniforms of draw_tokens' inverse-CDF draw (position j's is the same whichever
+  positions are drawn, so a draw at a few gathered positions equals the full draw there)."""
+  return jax.vmap(lambda k: jax.random.uniform(k, (length, 1)))(key_B)[..., 0]
+
+
+def draw_tokens_with(u_BxQ, logits_BxQxK, cfg: SamplerConfig):
+  """draw_tokens with its uniforms given (None at temperature 0; float32 draws only): (tokens int32[B, Q],
+  probs float32[B, Q, K])."""
+  if cfg.temperature == 0:
+    logits = filter_logits(logits_BxQxK, cfg.top_k, cfg.top_p)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), jax.nn.softmax(logits, axis=-1)
+  probs = jax.nn.softmax(filter_logits(logits_BxQxK / cfg.temperature, cfg.top_k, cfg.top_p), axis=-1)
+  return inverse_cdf(u_BxQ, probs), probs
 
 
 def inverse_cdf(u_BxL, probs_BxLxK):
@@ -138,6 +148,28 @@ def time_grid(kind: str, i, steps: int):
   return 1.0 - s if kind == "uniform" else jnp.cos(0.5 * math.pi * s)
 
 
+class SplitDenoiser(NamedTuple):
+  """A denoiser in two parts, for samplers that need predictions at a few positions per step.
+
+  trunk(tokens_BxL, t_B) -> state: everything that depends on the tokens alone (the network up to its last
+  block); logits_at(state, tokens_BxL, t_B, positions_BxQ or None) -> logits_BxQxK (None: every
+  position, [B, L, K]). logits_at(trunk(x, t), x, t, None) is the plain denoiser's output.
+  """
+
+  trunk: Callable
+  logits_at: Callable
+
+
+def gather_width(length: int, steps: int) -> int:
+  """Positions a reveal-first sampler computes predictions for per step (0: all of them).
+
+  About twice the mean reveals per step, plus slack, rounded up to 8; a step that reveals more in some
+  row computes every position instead (exact either way). Not worth it above half the sequence.
+  """
+  width = -(-(2 * -(-length // steps) + 6) // 8) * 8
+  return width if 2 * width <= length else 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One sampling call's fixed pieces, shared by the strategy loops."""
@@ -152,6 +184,7 @@ class Run:
   time_independent: bool
   first_logits: jax.Array | None = None  # the logits of step 0 when already computed (block decoding)
   step_offset: int = 0  # step i draws with the keys of step i + step_offset (a loop run block by block)
+  split: SplitDenoiser | None = None  # the same denoiser in two parts (see SplitDenoiser), when it has them
 
   @property
   def batch_size(self) -> int:

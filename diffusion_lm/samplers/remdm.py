@@ -23,7 +23,8 @@ denoiser ignores t, the next step reuses its logits (the "no change" cache).
 import jax
 import jax.numpy as jnp
 
-from diffusion_lm.samplers.common import Run, SampleOutput, confidence_scores, draw_tokens, time_grid
+from diffusion_lm.samplers.common import (Run, SampleOutput, confidence_scores, draw_tokens, draw_tokens_with,
+                                          draw_uniforms, gather_width, time_grid)
 
 
 def _alpha_path(run: Run, t):
@@ -63,21 +64,28 @@ def step_rates(run: Run, i):
 
 
 def sample(run: Run, tokens_BxL) -> SampleOutput:
+  """Every step decides first which positions it reveals and remasks (neither needs the denoiser), then
+  draws tokens at the revealed positions. With a split denoiser (run.split) it computes predictions only
+  there, the step's draw and scores O(revealed positions), and its "no change" cache holds the trunk."""
   cfg = run.cfg
   conf_remask = cfg.name == "remdm" and cfg.remask_schedule == "conf"
   use_cache = cfg.cache and run.time_independent
   batch_size, length, mask_id = run.batch_size, run.length, run.mask_id
-  vocab = jax.eval_shape(run.denoiser, tokens_BxL, jnp.zeros((batch_size,), jnp.float32)).shape[-1]
+  split = run.split if run.first_logits is None and not (cfg.float64 and cfg.temperature) else None
+  width = gather_width(length, cfg.steps) if split is not None else 0
+  t0 = jnp.zeros((batch_size,), jnp.float32)
+  if split is not None:  # the cache holds the trunk
+    cache0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(split.trunk, tokens_BxL, t0))
+  else:  # the cache holds the logits
+    vocab = jax.eval_shape(run.denoiser, tokens_BxL, t0).shape[-1]
+    cache0 = jnp.zeros((batch_size, length, vocab), jnp.float32)
 
   def body(i, carry):
-    x, conf, logits, changed, traj, used, calls = carry
+    x, conf, cache, changed, traj, used, calls = carry
     t, alpha_t, alpha_s, sigma, sigma_max = step_rates(run, i)
+    t_B = jnp.full((batch_size,), t, jnp.float32)
     recompute = changed if use_cache else jnp.array(True)
-    # A step that changed nothing left the input as it was: a time-independent denoiser's logits too.
-    logits = jax.lax.cond(recompute, lambda: run.denoise(x, jnp.full((batch_size,), t, jnp.float32), i),
-                          lambda: logits)
     keys = run.step_keys(i)
-    proposal, probs = draw_tokens(keys[:, 0], logits, cfg)
     masked = x == mask_id
     generated = ~masked & ~run.given_BxL
     if conf_remask:
@@ -94,16 +102,53 @@ def sample(run: Run, tokens_BxL) -> SampleOutput:
     else:
       u_remask = jax.vmap(lambda k: jax.random.uniform(k, (length,)))(keys[:, 2])
       remask = generated & (u_remask < sigma_BxL)
+    # A step that changed nothing left the input as it was: a time-independent denoiser's trunk and logits too.
+    if split is None:
+      cache = jax.lax.cond(recompute, lambda: run.denoise(x, t_B, i), lambda: cache)
+      proposal, probs = draw_tokens(keys[:, 0], cache, cfg)
+      scores = confidence_scores(keys[:, 3], probs, proposal, cfg.confidence) if conf_remask else None
+    else:
+      cache = jax.lax.cond(recompute, lambda: split.trunk(x, t_B), lambda: cache)
+      proposal, scores = _draw_revealed(run, split, cache, x, t_B, keys, reveal, width, conf_remask)
     used = used + jnp.any(masked | remask, axis=-1).astype(jnp.int32)
     x = jnp.where(reveal, proposal, jnp.where(remask, mask_id, x))
     if conf_remask:
-      conf = jnp.where(reveal, confidence_scores(keys[:, 3], probs, proposal, cfg.confidence), conf)
-    return (x, conf, logits, jnp.any(reveal | remask), run.record(traj, i, x), used,
+      conf = jnp.where(reveal, scores, conf)
+    return (x, conf, cache, jnp.any(reveal | remask), run.record(traj, i, x), used,
             calls + recompute.astype(jnp.int32))
 
   conf0 = jnp.zeros((batch_size, length), jnp.float32)
-  logits0 = jnp.zeros((batch_size, length, vocab), jnp.float32)
-  init = (tokens_BxL, conf0, logits0, jnp.array(True), run.trajectory(), jnp.zeros((batch_size,), jnp.int32),
+  init = (tokens_BxL, conf0, cache0, jnp.array(True), run.trajectory(), jnp.zeros((batch_size,), jnp.int32),
           jnp.int32(0))
   x, _, _, _, traj, used, calls = jax.lax.fori_loop(0, cfg.steps, body, init)
   return SampleOutput(x, traj, used, calls, run.full_lengths())
+
+
+def _draw_revealed(run: Run, split, trunk, x_BxL, t_B, keys, reveal_BxL, width: int, with_scores: bool):
+  """(tokens int32[B, L], confidence scores float32[B, L] or None), valid at the revealed positions: the
+  draw of draw_tokens there, from predictions computed at the first `width` revealed positions of each
+  row when no row reveals more (else at every position)."""
+  cfg = run.cfg
+  u_BxL = draw_uniforms(keys[:, 0], run.length) if cfg.temperature else None
+  kind = cfg.confidence
+
+  def draw(positions_BxQ):
+    logits = split.logits_at(trunk, x_BxL, t_B, positions_BxQ).astype(jnp.float32)
+    at = (lambda a: a) if positions_BxQ is None else (lambda a: jnp.take_along_axis(a, positions_BxQ, axis=1))
+    tokens, probs = draw_tokens_with(None if u_BxL is None else at(u_BxL), logits, cfg)
+    scores = None
+    if with_scores:
+      scores = (at(confidence_scores(keys[:, 3], None, x_BxL, "random")) if kind == "random"
+                else confidence_scores(keys[:, 3], probs, tokens, kind))
+    if positions_BxQ is None:
+      return tokens, scores
+    rows = jnp.arange(x_BxL.shape[0])[:, None]
+    scatter = lambda a, fill: jnp.full(x_BxL.shape, fill, a.dtype).at[rows, positions_BxQ].set(a)
+    return scatter(tokens, 0), None if scores is None else scatter(scores, 0.0)
+
+  if not width:
+    return draw(None)
+  # Revealed positions first (in order), then the others: `width` distinct positions per row.
+  positions = jnp.argsort(~reveal_BxL, axis=-1, stable=True)[:, :width].astype(jnp.int32)
+  fits = jnp.max(jnp.sum(reveal_BxL, axis=-1)) <= width
+  return jax.lax.cond(fits, lambda: draw(positions), lambda: draw(None))
