@@ -52,7 +52,7 @@ def test_outputs_at_and_trunk_equal_the_full_forward(family):
   full = apply(tokens, t)
   positions = jnp.array([[0, 5, 31, 7], [3, 2, 1, 30], [30, 0, 11, 12]])
   expected = np.take_along_axis(np.asarray(full), np.asarray(positions)[:, :, None], axis=1)
-  scale = float(np.max(np.abs(expected)))
+  scale = float(np.max(np.abs(expected[np.abs(expected) < 1e8])))  # an in-vocabulary [MASK] logit is -1e9
   trunk = apply(tokens, t, return_trunk=True)
   assert trunk.shape == (3, 32, 64)
   np.testing.assert_allclose(apply(tokens, t, outputs_at=positions), expected, atol=2e-6 * scale)
