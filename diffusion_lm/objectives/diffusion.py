@@ -51,7 +51,7 @@ class MaskedDiffusion(Objective):
                 discrete_steps):
     """Time draws are stratified: the k-th of n draws for a row is at (k + u) / n with one uniform u per
     row, an unbiased low-variance estimate."""
-    apply, schedule = bind(model, params), schedule.bound_schedule
+    apply, schedule = bind_forward(model, params), schedule.bound_schedule
     tokens_BxL, keep_BxL = self.split(tokens_BxL)
     batch_size = tokens_BxL.shape[0]
     time_key, mask_key, discrete_key = jax.random.split(key, 3)
