@@ -236,6 +236,10 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
       f"{result['xla_bytes_per_chip_step'] / 1e9:.2f} GB accessed per chip, est. ({method}) {seconds * 1e3:.1f} ms/step "
       f"-> {tokens_per_chip:,.0f} tokens/s per chip, MFU ~{result['mfu_estimate']:.0%} of {peak / 1e12:.1f} TFLOP/s "
       f"per chip ({peak_source})")
+  microbatches = experiment.microbatch_count(config, mesh)
+  if microbatches > 1:
+    log(f"  (training.microbatches={microbatches}: XLA counts the loop body once, so the work and time above are one "
+        "microbatch's; memory is the whole step's)")
   if forward is None:
     log(f"  sampler ({objective.name} decoding, {cfg.name}, batch {sample_batch}): "
         f"{result['sampler_memory_gib_per_chip']:.2f} GiB per chip")

@@ -161,6 +161,9 @@ def train_row(model, config, tokenizer, mesh, peak: Peak, steps: int, log=print)
     # XLA counts the flops of one device's partitioned program: summed over the mesh for the whole
     # step (this includes work every device repeats, such as a replicated optimizer update).
     xla_flops = float(analysis.get("flops", 0.0)) * mesh.devices.size
+    microbatches = experiment.microbatch_count(config, mesh)
+    if microbatches > 1:  # XLA counts a loop's body once: its figure would be one microbatch's
+      xla_flops = 0.0
     state, metrics = compiled(state, x, jax.random.key(1))
     jax.block_until_ready(metrics)
     start = time.perf_counter()
@@ -181,6 +184,9 @@ def train_row(model, config, tokenizer, mesh, peak: Peak, steps: int, log=print)
          "xla_flops_utilisation": xla_flops / seconds / peak.flops if xla_flops else None}
   log(f"train ({config.objective}): batch {batch} x {seq_len}, {seconds * 1e3:.1f} ms/step, "
       f"{tokens_per_s:,.0f} tokens/s, compile {compile_s:.1f} s, MFU {row['mfu']:.1%} of {peak.describe()}")
+  row["microbatches"] = microbatches
+  if microbatches > 1:
+    log(f"  in {microbatches} microbatches (training.microbatches; XLA's FLOP count, one loop body, is not shown)")
   if xla_flops:
     log(f"  XLA counts {xla_flops / 1e9:.3g} GFLOP per step over {mesh.devices.size} device(s), "
         f"{xla_flops / row['model_flops_per_step']:.2f} x the model FLOPs: {row['xla_flops_utilisation']:.1%} "
