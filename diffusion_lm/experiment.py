@@ -83,6 +83,8 @@ def tokenizer_dir(workdir: str) -> str:
 LOCAL_DATA_CACHE = os.path.join("~", ".cache", "diffusion_lm", "data")
 # Tokens per device in one training microbatch on CPUs (training.microbatches = 0); 256 to 1024 measured alike.
 CPU_MICROBATCH_TOKENS = 512
+# Activations of tokens x d_model at or above which a CPU step runs in pieces (2M floats: 32 x 256 x 256).
+CPU_CACHE_SPILL = 2**21
 
 
 def data_dir(config, workdir: str) -> str:
@@ -318,8 +320,8 @@ def microbatch_count(config, mesh) -> int:
       raise UserError(f"training.microbatches={requested} with {local} sequences per data-parallel device (batch "
                       f"{batch}); allowed: 0 (auto) or a divisor of {local}")
     return requested
-  if mesh.devices.flat[0].platform != "cpu":
-    return 1
+  if mesh.devices.flat[0].platform != "cpu" or local * seq_len * config.model.d_model < CPU_CACHE_SPILL:
+    return 1  # a small step's activations fit the caches already: one piece
   per_chunk = max(1, CPU_MICROBATCH_TOKENS // seq_len)
   count = max(1, local // per_chunk)
   while local % count:

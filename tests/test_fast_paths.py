@@ -138,15 +138,15 @@ def test_a_step_predicts_at_every_position_exactly_when_a_row_reveals_more_than_
 
 
 def test_the_model_sampler_with_split_and_pieces_matches_the_plain_one():
-  length = 256  # 16 x 256 tokens: rows_in_pieces cuts the batch into pieces of 4 rows
+  length = 256  # 32 x 256 tokens: rows_in_pieces cuts the batch into pieces of 4 rows
   cfg = ModelConfig(vocab_size=VOCAB, num_layers=2, d_model=32, num_heads=2, mlp_dim=64, max_len=length)
   model = Transformer(cfg)
-  tokens = jnp.full((16, length), VOCAB, jnp.int32).at[:, :5].set(3)
+  tokens = jnp.full((32, length), VOCAB, jnp.int32).at[:, :5].set(3)
   params = model.init(jax.random.key(0), tokens)["params"]
   np.testing.assert_allclose(jax.jit(bind_forward(model, params))(tokens), jax.jit(bind(model, params))(tokens),
                              atol=1e-5)
   sampler = samplers.SamplerConfig(name="ancestral", steps=64)
-  run = lambda d, s: jax.jit(lambda x: samplers.sample(d, jax.random.key(1), x, jnp.arange(16), sampler,
+  run = lambda d, s: jax.jit(lambda x: samplers.sample(d, jax.random.key(1), x, jnp.arange(32), sampler,
                                                        schedule=Schedule("linear"), mask_id=VOCAB, split=s))(tokens)
   plain = run(bind(model, params), None)
   fast = run(bind_forward(model, params), bind_split(model, params))
@@ -155,10 +155,10 @@ def test_the_model_sampler_with_split_and_pieces_matches_the_plain_one():
 
 
 def test_rows_in_pieces_keeps_every_row_in_its_place():
-  x = jnp.arange(16 * 128, dtype=jnp.float32).reshape(16, 128)
+  x = jnp.arange(32 * 256, dtype=jnp.float32).reshape(32, 256)  # 32 x 256 (x 256) reaches CPU_CACHE_SPILL
   fn = lambda a, b, c: (a * 2 + jnp.sum(a, axis=-1, keepdims=True), None if b is None else b + c[:, None])
-  whole = jax.jit(lambda a, c: fn(a, None, c))(x, jnp.arange(16.0))
-  pieces = jax.jit(lambda a, c: rows_in_pieces(fn, a, None, c))(x, jnp.arange(16.0))
+  whole = jax.jit(lambda a, c: fn(a, None, c))(x, jnp.arange(32.0))
+  pieces = jax.jit(lambda a, c: rows_in_pieces(fn, a, None, c))(x, jnp.arange(32.0))
   np.testing.assert_array_equal(pieces[0], whole[0])
   assert pieces[1] is None
 
@@ -208,6 +208,9 @@ def test_microbatch_count_auto_and_errors():
   assert experiment.microbatch_count(config, mesh) == 1
   with config.unlocked():
     config.training.batch_size = 32
+  assert experiment.microbatch_count(config, mesh) == 1  # 32 x 64 x d_model 64 activations fit the caches
+  with config.unlocked():
+    config.model.d_model = 1024  # 32 x 64 x 1024 = CPU_CACHE_SPILL
   assert experiment.microbatch_count(config, mesh) == 4
   with config.unlocked():
     config.training.microbatches = 3

@@ -16,6 +16,7 @@ def bind(model, params) -> Callable[..., jax.Array]:
 
 # Tokens per piece when a CPU runs a forward pass over a batch piece by piece (rows_in_pieces).
 CPU_PIECE_TOKENS = 1024
+CPU_CACHE_SPILL = 2**21  # tokens x width below which a forward pass runs in one piece (see rows_in_pieces)
 
 
 def rows_in_pieces(fn, *arrays_B):
@@ -26,6 +27,9 @@ def rows_in_pieces(fn, *arrays_B):
   For forward passes (sampling, evaluation); a training step runs microbatches instead.
   """
   batch, length = arrays_B[0].shape[:2]
+  width = arrays_B[0].shape[2] if arrays_B[0].ndim > 2 else 256  # a trunk's d_model; tokens: a typical width
+  if batch * length * width < CPU_CACHE_SPILL:
+    return fn(*arrays_B)  # small enough for the caches in one piece
   count = max(1, batch // max(1, CPU_PIECE_TOKENS // length))
   while batch % count:
     count -= 1
