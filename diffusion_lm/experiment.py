@@ -83,8 +83,6 @@ def tokenizer_dir(workdir: str) -> str:
 LOCAL_DATA_CACHE = os.path.join("~", ".cache", "diffusion_lm", "data")
 # Tokens per device in one training microbatch on CPUs (training.microbatches = 0); 256 to 1024 measured alike.
 CPU_MICROBATCH_TOKENS = 512
-# Activations of tokens x d_model at or above which a CPU step runs in pieces (2M floats: 32 x 256 x 256).
-CPU_CACHE_SPILL = 2**21
 
 
 def data_dir(config, workdir: str) -> str:
@@ -292,7 +290,7 @@ def _microbatched(obj, model, params, rows: dict, microbatches: int, *, bos_id):
   """
   batch, seq_len = rows["tokens"].shape[:2]
   n = microbatches
-  chunks = jax.tree.map(lambda a: jnp.swapaxes(a.reshape(batch // n, n, *a.shape[1:]), 0, 1), rows)
+  chunks = jax.tree.map(lambda a: objectives.base.split_rows(a, n), rows)
 
   def body(carry, chunk):
     def loss_fn(p):
@@ -305,7 +303,7 @@ def _microbatched(obj, model, params, rows: dict, microbatches: int, *, bos_id):
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   (loss, grads), masked = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), chunks)
-  return loss, jnp.swapaxes(masked, 0, 1).reshape(batch), grads
+  return loss, objectives.base.merge_rows(masked), grads
 
 
 def microbatch_count(config, mesh) -> int:
@@ -320,7 +318,7 @@ def microbatch_count(config, mesh) -> int:
       raise UserError(f"training.microbatches={requested} with {local} sequences per data-parallel device (batch "
                       f"{batch}); allowed: 0 (auto) or a divisor of {local}")
     return requested
-  if mesh.devices.flat[0].platform != "cpu" or local * seq_len * config.model.d_model < CPU_CACHE_SPILL:
+  if mesh.devices.flat[0].platform != "cpu" or local * seq_len * config.model.d_model < objectives.base.CPU_CACHE_SPILL:
     return 1  # a small step's activations fit the caches already: one piece
   per_chunk = max(1, CPU_MICROBATCH_TOKENS // seq_len)
   count = max(1, local // per_chunk)

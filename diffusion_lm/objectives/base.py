@@ -16,7 +16,9 @@ def bind(model, params) -> Callable[..., jax.Array]:
 
 # Tokens per piece when a CPU runs a forward pass over a batch piece by piece (rows_in_pieces).
 CPU_PIECE_TOKENS = 1024
-CPU_CACHE_SPILL = 2**21  # tokens x width below which a forward pass runs in one piece (see rows_in_pieces)
+# Activations of tokens x width (d_model) at or above which a CPU step or forward pass runs in pieces (2M floats,
+# 32 x 256 x 256): smaller ones fit the caches in one piece.
+CPU_CACHE_SPILL = 2**21
 
 
 def rows_in_pieces(fn, *arrays_B):
@@ -37,25 +39,28 @@ def rows_in_pieces(fn, *arrays_B):
     return fn(*arrays_B)
   given = [i for i, a in enumerate(arrays_B) if a is not None]
 
-  def pieces(*present):
-    split = [jnp.swapaxes(a.reshape(batch // count, count, *a.shape[1:]), 0, 1) for a in present]
-
-    def one(chunk):
-      args = list(arrays_B)
-      for i, a in zip(given, chunk):
-        args[i] = a
-      return fn(*args)
-
-    out = jax.lax.map(one, split)
-    return jax.tree.map(lambda o: jnp.swapaxes(o, 0, 1).reshape(batch, *o.shape[2:]), out)
-
-  def whole(*present):
+  def call(present):  # fn with the given arrays replaced by `present`
     args = list(arrays_B)
     for i, a in zip(given, present):
       args[i] = a
     return fn(*args)
 
-  return jax.lax.platform_dependent(*[arrays_B[i] for i in given], cpu=pieces, default=whole)
+  def pieces(*present):
+    out = jax.lax.map(call, [split_rows(a, count) for a in present])
+    return jax.tree.map(merge_rows, out)
+
+  return jax.lax.platform_dependent(*[arrays_B[i] for i in given], cpu=pieces, default=lambda *present: call(present))
+
+
+def split_rows(a_B, count: int):
+  """[count, B / count, ...]: piece m holds rows m, m + count, m + 2 count, ... (under data parallelism every
+  device keeps an equal share of each piece)."""
+  return jnp.swapaxes(a_B.reshape(a_B.shape[0] // count, count, *a_B.shape[1:]), 0, 1)
+
+
+def merge_rows(a_NxR):
+  """The inverse of split_rows: [count, R, ...] -> [count x R, ...] in the original row order."""
+  return jnp.swapaxes(a_NxR, 0, 1).reshape(a_NxR.shape[0] * a_NxR.shape[1], *a_NxR.shape[2:])
 
 
 def bind_forward(model, params) -> Callable[..., jax.Array]:
