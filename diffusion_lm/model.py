@@ -29,7 +29,7 @@ MASK_LOGIT = -1e9
 # lowered, so an ahead-of-time TPU compile on a CPU host gets the TPU choice).
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
 # ModelConfig fields that choose how the network computes, not what: a checkpoint loads under any value.
-RUNTIME_FIELDS = ("attention_impl",)
+RUNTIME_FIELDS = ("attention_impl", "fuse_kernels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,9 @@ class ModelConfig:
   remat: bool = False
   rope_base: float = 10000.0
   attention_impl: str = "auto"  # how attention is computed (see ATTENTION_IMPLS); never changes the parameters
+  # CPUs: multiply by the q/k/v and gate/up kernels side by side in one matmul; None: by the token count
+  # (_fuse_kernels); a training microbatch sets True (its backward pass is the faster fused)
+  fuse_kernels: bool | None = None
   # Families imported from Hugging Face checkpoints (diffusion_lm/convert.py): LLaMA / LLaDA, Qwen2 / Dream,
   # GPT-2. The defaults are this project's own network, parameter tree included.
   num_kv_heads: int = 0  # key/value heads, grouped-query attention (divides num_heads); 0 = num_heads
@@ -289,7 +292,8 @@ class Block(nn.Module):
 
     h = make_norm(cfg, "attn_norm")(x_BxLxD) * (1 + scale1) + shift1
     w_qkv, b_qkv = self._qkv_params(dtype)
-    fuse = _fuse_kernels(x_BxLxD.shape[0] * x_BxLxD.shape[1], cfg.d_model)
+    fuse = cfg.fuse_kernels if cfg.fuse_kernels is not None else _fuse_kernels(x_BxLxD.shape[0] * x_BxLxD.shape[1],
+                                                                               cfg.d_model)
     if query_at_BxQ is not None:
       rows = lambda a: jnp.take_along_axis(a, query_at_BxQ[:, :, None], axis=1)
       attn = self._attention_at(h, rows(h), w_qkv, b_qkv, rope, query_at_BxQ, fuse)
