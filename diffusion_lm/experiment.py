@@ -258,7 +258,7 @@ def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_
   obj = objectives.get(objective)
   rows = None
   if microbatches > 1:
-    rows = obj.noise(tokens_BxL, step_key, schedule=schedule, mask_id=mask_id, bos_id=bos_id, **extra)
+    rows = obj.noise(model, tokens_BxL, step_key, schedule=schedule, mask_id=mask_id, bos_id=bos_id, **extra)
   if rows is None:
     def loss_fn(params):
       loss_B, masked_B = sequence_loss(params, tokens_BxL, step_key, model=model, schedule=schedule,

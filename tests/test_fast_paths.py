@@ -180,7 +180,7 @@ def _train_setup(config_name, microbatches):
   return config, vocab, mesh, model, tx, state, shardings
 
 
-@pytest.mark.parametrize("config_name", ["demo", "demo_ar", "sft_tiny"])
+@pytest.mark.parametrize("config_name", ["demo", "demo_ar", "demo_block", "sft_tiny"])
 def test_microbatched_step_is_the_one_piece_step(config_name):
   out = {}
   for n in (1, 4):
@@ -218,10 +218,7 @@ def test_microbatch_count_auto_and_errors():
     experiment.microbatch_count(config, mesh)
 
 
-def test_objectives_without_a_row_split_train_in_one_piece():
-  block = objectives.get("block")
-  assert block.noise(jnp.zeros((2, 8), jnp.int32), jax.random.key(0), schedule=Schedule("linear"), mask_id=5,
-                     bos_id=0) is None
+def test_attention_annealing_trains_in_one_piece():
   diffusion = objectives.get("diffusion")
-  assert diffusion.noise(jnp.zeros((2, 8), jnp.int32), jax.random.key(0), schedule=Schedule("linear"), mask_id=5,
-                         bos_id=0, visible_future=0.5) is None
+  assert diffusion.noise(None, jnp.zeros((2, 8), jnp.int32), jax.random.key(0), schedule=Schedule("linear"),
+                         mask_id=5, bos_id=0, visible_future=0.5) is None

@@ -20,8 +20,8 @@ class Autoregressive(Objective):
     nll_B = autoregressive.next_token_nll(bind(model, params), tokens_BxL, bos_id)
     return nll_B, 0.0 * nll_B
 
-  def noise(self, tokens_BxL, key, *, schedule, mask_id, bos_id):
-    del key, schedule, mask_id, bos_id  # nothing random: the rows are the tokens
+  def noise(self, model, tokens_BxL, key, *, schedule, mask_id, bos_id):
+    del model, key, schedule, mask_id, bos_id  # nothing random: the rows are the tokens
     return {"tokens": tokens_BxL}
 
   def row_losses(self, model, params, rows, *, bos_id):

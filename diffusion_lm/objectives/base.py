@@ -97,7 +97,7 @@ class Objective:
     """(nats_B, num_masked_B): the per-sequence training loss in nats (a bound or the exact NLL)."""
     raise NotImplementedError
 
-  def noise(self, tokens_BxL, key, *, schedule: Schedule, mask_id: int, bos_id: int, **extra):
+  def noise(self, model, tokens_BxL, key, *, schedule: Schedule, mask_id: int, bos_id: int, **extra):
     """The loss's random draws for the whole batch as a dict of arrays leading with B (the same draws
     `loss` makes), or None when the loss does not split by rows. With them, row_losses of any subset of
     rows is that subset's loss, which lets a step run its batch in microbatches."""

@@ -46,6 +46,11 @@ def block_nelbo(apply, tokens_BxL, key, schedule, mask_id: int, block_size: int,
   Returns:
     {"nelbo": float32[B], "num_masked": float32[B]}.
   """
+  return noised_block_loss(apply, block_noise(tokens_BxL, key, schedule, mask_id, block_size, t_BxN), block_size)
+
+
+def block_noise(tokens_BxL, key, schedule, mask_id: int, block_size: int, t_BxN=None) -> dict:
+  """The random part of block_nelbo, per row: {tokens, noisy, is_masked, weight_BxN}, each leading with B."""
   batch_size, seq_len = tokens_BxL.shape
   num_blocks = seq_len // block_size
   time_key, mask_key = jax.random.split(key)
@@ -53,14 +58,21 @@ def block_nelbo(apply, tokens_BxL, key, schedule, mask_id: int, block_size: int,
     t_BxN = diffusion.antithetic_times(time_key, batch_size * num_blocks).reshape(batch_size, num_blocks)
   alpha_BxL = jnp.repeat(schedule.alpha(t_BxN), block_size, axis=1)
   noisy_BxL, masked_BxL = diffusion.forward_mask(mask_key, tokens_BxL, alpha_BxL, mask_id)
+  return {"tokens": tokens_BxL, "noisy": noisy_BxL, "is_masked": masked_BxL, "weight": schedule.weight(t_BxN)}
+
+
+def noised_block_loss(apply, noise: dict, block_size: int) -> dict:
+  """{nelbo, num_masked}, float32[B]: block_noise's rows under the network (noisy and clean copies in one pass)."""
+  tokens_BxL, masked_BxL = noise["tokens"], noise["is_masked"]
+  batch_size, seq_len = tokens_BxL.shape
   positions = jnp.arange(seq_len)
-  logits = apply(jnp.concatenate([noisy_BxL, tokens_BxL], axis=1), None,
+  logits = apply(jnp.concatenate([noise["noisy"], tokens_BxL], axis=1), None,
                  positions_L=jnp.concatenate([positions, positions]),
                  mask_QxK=block_attention_mask(seq_len, block_size))[:, :seq_len]
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll_BxL = -jnp.take_along_axis(log_probs, tokens_BxL[..., None], axis=-1)[..., 0] * masked_BxL
-  nll_BxN = nll_BxL.reshape(batch_size, num_blocks, block_size).sum(-1)
-  return {"nelbo": jnp.sum(schedule.weight(t_BxN) * nll_BxN, axis=-1),
+  nll_BxN = nll_BxL.reshape(batch_size, seq_len // block_size, block_size).sum(-1)
+  return {"nelbo": jnp.sum(noise["weight"] * nll_BxN, axis=-1),
           "num_masked": jnp.sum(masked_BxL, axis=-1).astype(jnp.float32)}
 
 
@@ -88,6 +100,14 @@ class BlockDiffusion(Objective):
 
   def loss(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id):
     out = block_nelbo(bind(model, params), tokens_BxL, key, schedule, mask_id, model.config.block_size)
+    return out["nelbo"], out["num_masked"]
+
+  def noise(self, model, tokens_BxL, key, *, schedule, mask_id, bos_id):
+    del bos_id
+    return block_noise(tokens_BxL, key, schedule, mask_id, model.config.block_size)
+
+  def row_losses(self, model, params, rows, *, bos_id):
+    out = noised_block_loss(bind(model, params), rows, model.config.block_size)
     return out["nelbo"], out["num_masked"]
 
   def eval_nats(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id, num_t_samples,

@@ -37,7 +37,7 @@ class MaskedDiffusion(Objective):
     out = diffusion.diffusion_loss(apply, tokens_BxL, key, schedule, mask_id, keep_BxL=keep_BxL)
     return out["nelbo"], out["num_masked"]
 
-  def noise(self, tokens_BxL, key, *, schedule, mask_id, bos_id, visible_future=None):
+  def noise(self, model, tokens_BxL, key, *, schedule, mask_id, bos_id, visible_future=None):
     if visible_future is not None:  # one attention pattern for the whole batch: not split by rows
       return None
     tokens_BxL, keep_BxL = self.split(tokens_BxL)
