@@ -322,11 +322,7 @@ def microbatch_count(config, mesh) -> int:
     return requested
   if mesh.devices.flat[0].platform != "cpu" or local * seq_len * config.model.d_model < objectives.base.CPU_CACHE_SPILL:
     return 1  # a small step's activations fit the caches already: one piece
-  per_chunk = max(1, CPU_MICROBATCH_TOKENS // seq_len)
-  count = max(1, local // per_chunk)
-  while local % count:
-    count -= 1
-  return count
+  return objectives.base.piece_count(local, seq_len, CPU_MICROBATCH_TOKENS)
 
 
 def guarded_update(state: TrainState, grads, loss, *, tx, ema_decay):

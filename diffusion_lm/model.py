@@ -371,7 +371,7 @@ class Block(nn.Module):
     cfg = self.config
     kv = _project_qkv(h_BxLxD, w_qkv[1:], fuse, b_qkv[1:])
     q = _project_qkv(h_BxQxD, w_qkv[:1], False, b_qkv[:1])[:, :, 0]
-    cos_LxD, sin_LxD = rope if rope is not None else position_tables(cfg, jnp.arange(h_BxLxD.shape[1]))
+    cos_LxD, sin_LxD = rope  # Transformer passes the tables whenever it is not decoding
     k = apply_rope(kv[:, :, 0], cos_LxD[:, None, :], sin_LxD[:, None, :])
     scale = cfg.head_dim**-0.5
     q = apply_rope(q, cos_LxD[query_at_BxQ][:, :, None, :] * scale, sin_LxD[query_at_BxQ][:, :, None, :] * scale)

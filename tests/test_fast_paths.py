@@ -138,14 +138,14 @@ def test_a_step_predicts_at_every_position_exactly_when_a_row_reveals_more_than_
 
 
 def test_the_model_sampler_with_split_and_pieces_matches_the_plain_one():
-  length = 256  # 32 x 256 tokens: rows_in_pieces cuts the batch into pieces of 4 rows
-  cfg = ModelConfig(vocab_size=VOCAB, num_layers=2, d_model=32, num_heads=2, mlp_dim=64, max_len=length)
+  length = 256  # 32 x 256 tokens x d_model 256: rows_in_pieces cuts the batch into pieces of 4 rows
+  cfg = ModelConfig(vocab_size=VOCAB, num_layers=2, d_model=256, num_heads=4, mlp_dim=256, max_len=length)
   model = Transformer(cfg)
   tokens = jnp.full((32, length), VOCAB, jnp.int32).at[:, :5].set(3)
   params = model.init(jax.random.key(0), tokens)["params"]
   np.testing.assert_allclose(jax.jit(bind_forward(model, params))(tokens), jax.jit(bind(model, params))(tokens),
                              atol=1e-5)
-  sampler = samplers.SamplerConfig(name="ancestral", steps=64)
+  sampler = samplers.SamplerConfig(name="ancestral", steps=32)
   run = lambda d, s: jax.jit(lambda x: samplers.sample(d, jax.random.key(1), x, jnp.arange(32), sampler,
                                                        schedule=Schedule("linear"), mask_id=VOCAB, split=s))(tokens)
   plain = run(bind(model, params), None)
@@ -155,10 +155,10 @@ def test_the_model_sampler_with_split_and_pieces_matches_the_plain_one():
 
 
 def test_rows_in_pieces_keeps_every_row_in_its_place():
-  x = jnp.arange(32 * 256, dtype=jnp.float32).reshape(32, 256)  # 32 x 256 (x 256) reaches CPU_CACHE_SPILL
+  x = jnp.arange(32 * 256, dtype=jnp.float32).reshape(32, 256)  # 32 x 256 x width 256 reaches CPU_CACHE_SPILL
   fn = lambda a, b, c: (a * 2 + jnp.sum(a, axis=-1, keepdims=True), None if b is None else b + c[:, None])
   whole = jax.jit(lambda a, c: fn(a, None, c))(x, jnp.arange(32.0))
-  pieces = jax.jit(lambda a, c: rows_in_pieces(fn, a, None, c))(x, jnp.arange(32.0))
+  pieces = jax.jit(lambda a, c: rows_in_pieces(fn, a, None, c, width=256))(x, jnp.arange(32.0))
   np.testing.assert_array_equal(pieces[0], whole[0])
   assert pieces[1] is None
 

@@ -21,21 +21,25 @@ CPU_PIECE_TOKENS = 1024
 CPU_CACHE_SPILL = 2**21
 
 
-def rows_in_pieces(fn, *arrays_B):
+def piece_count(rows: int, length: int, tokens_per_piece: int) -> int:
+  """How many pieces of about tokens_per_piece tokens `rows` rows of `length` make: a divisor of rows."""
+  count = max(1, rows // max(1, tokens_per_piece // length))
+  while rows % count:
+    count -= 1
+  return count
+
+
+def rows_in_pieces(fn, *arrays_B, width: int):
   """fn(*arrays_B) (each leading with the batch axis; None passes through): on CPUs computed over pieces
   of about CPU_PIECE_TOKENS tokens one after another, whose activations stay in the caches (a forward
   pass of 32 x 256 tokens: 1.5x faster on a 2-core CPU); in one piece elsewhere (decided where the
   program is lowered). Piece m holds rows m, m + n, ... so each device keeps its share of every piece.
-  For forward passes (sampling, evaluation); a training step runs microbatches instead.
+  For forward passes (sampling, evaluation); a training step runs microbatches instead. width: the
+  network's d_model (activations are tokens x width).
   """
   batch, length = arrays_B[0].shape[:2]
-  width = arrays_B[0].shape[2] if arrays_B[0].ndim > 2 else 256  # a trunk's d_model; tokens: a typical width
-  if batch * length * width < CPU_CACHE_SPILL:
-    return fn(*arrays_B)  # small enough for the caches in one piece
-  count = max(1, batch // max(1, CPU_PIECE_TOKENS // length))
-  while batch % count:
-    count -= 1
-  if count == 1:
+  count = piece_count(batch, length, CPU_PIECE_TOKENS) if batch * length * width >= CPU_CACHE_SPILL else 1
+  if count == 1:  # small enough for the caches in one piece
     return fn(*arrays_B)
   given = [i for i, a in enumerate(arrays_B) if a is not None]
 
@@ -65,16 +69,18 @@ def merge_rows(a_NxR):
 
 def bind_forward(model, params) -> Callable[..., jax.Array]:
   """bind for forward passes only (samplers, evaluation): (tokens_BxL, t_B=None) -> logits, by rows_in_pieces."""
-  return lambda tokens, t=None: rows_in_pieces(lambda x, tt: model.apply({"params": params}, x, tt), tokens, t)
+  return lambda tokens, t=None: rows_in_pieces(lambda x, tt: model.apply({"params": params}, x, tt), tokens, t,
+                                               width=model.config.d_model)
 
 
 def bind_split(model, params) -> SplitDenoiser:
   """The bidirectional network with its parameters bound, in two parts (trunk, then logits at positions),
   each by rows_in_pieces."""
   apply = lambda tokens, t, **kwargs: model.apply({"params": params}, tokens, t, **kwargs)
-  trunk = lambda tokens, t: rows_in_pieces(lambda x, tt: apply(x, tt, return_trunk=True), tokens, t)
+  width = model.config.d_model
+  trunk = lambda tokens, t: rows_in_pieces(lambda x, tt: apply(x, tt, return_trunk=True), tokens, t, width=width)
   logits_at = lambda h, tokens, t, positions: rows_in_pieces(
-      lambda hh, x, tt, pos: apply(x, tt, trunk=hh, outputs_at=pos), h, tokens, t, positions)
+      lambda hh, x, tt, pos: apply(x, tt, trunk=hh, outputs_at=pos), h, tokens, t, positions, width=width)
   return SplitDenoiser(trunk=trunk, logits_at=logits_at)
 
 
