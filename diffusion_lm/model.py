@@ -535,7 +535,8 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, t_B=None, decode: bool = False, *, commit: bool = True, positions_L=None,
-               mask_QxK=None, approx_cache: str = "", outputs_at=None, trunk=None, return_trunk: bool = False):
+               mask_QxK=None, approx_cache: str = "", outputs_at=None, trunk=None, return_trunk: bool = False,
+               keep_mask_logit: bool = False):
     """Logits for every position.
 
     decode=True (causal and block-diffusion models): the tokens are the next chunk after the "cache"
@@ -562,10 +563,6 @@ class Transformer(nn.Module):
       raise UserError(f"approx_cache={approx_cache!r}; allowed: store, reuse")
     if approx_cache and (decode or cfg.causal or cfg.block_size or mask_QxK is not None):
       raise UserError("approx_cache needs a bidirectional masked-diffusion model without decode/mask_QxK")
-    if approx_cache == "reuse" and cfg.shift_logits:
-      # A chunk's first position is predicted by the position before it, which a chunk does not compute.
-      raise UserError("approx_cache='reuse' with model.shift_logits=True (Dream-style); allowed: the approximate "
-                      "cache off (--approx_cache=none) for shifted models")
     if approx_cache == "reuse" and positions_L is None:
       raise UserError("approx_cache='reuse' needs positions_L, the chunk's positions")
     if decode and not (cfg.causal or cfg.block_size):
@@ -622,7 +619,7 @@ class Transformer(nn.Module):
       logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype))
       logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
       logits = logits[..., :cfg.vocab_size]
-    return self._family_outputs(logits, shift=outputs_at is None)
+    return self._family_outputs(logits, shift=outputs_at is None, keep_mask_logit=keep_mask_logit)
 
   def _learned_positions(self, length: int, decode: bool, commit, positions_L):
     """float32[L, D_model] rows of the learned position table (model.position='learned') for the chunk.
@@ -644,12 +641,14 @@ class Transformer(nn.Module):
       positions_L = jnp.arange(length)
     return jnp.take(table, jnp.minimum(positions_L, cfg.max_len - 1), axis=0)
 
-  def _family_outputs(self, logits_BxLxV, shift: bool = True):
+  def _family_outputs(self, logits_BxLxV, shift: bool = True, keep_mask_logit: bool = False):
     """Imported families' output conventions: an in-vocabulary [MASK] gets no probability (SUBS), and
     a shifted network (Dream: position i predicts token i + 1) is realigned so position i predicts
-    token i; position 0, which nothing predicts, takes its own output (Dream's convention)."""
+    token i; position 0, which nothing predicts, takes its own output (Dream's convention). A chunk
+    (approx_cache="reuse") is realigned within itself, as Fast-dLLM's cached Dream decoding does.
+    keep_mask_logit: the [MASK] logit as the network computes it (the published decoders keep it)."""
     cfg = self.config
-    if cfg.mask_token_id >= 0:
+    if cfg.mask_token_id >= 0 and not keep_mask_logit:
       is_mask_V = jnp.arange(logits_BxLxV.shape[-1]) == cfg.mask_token_id
       logits_BxLxV = jnp.where(is_mask_V, MASK_LOGIT, logits_BxLxV)
     if cfg.shift_logits and shift:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 from diffusion_lm import diffusion, samplers
 from diffusion_lm.objectives.base import Objective, bind, bind_forward, bind_split
-from diffusion_lm.samplers import approx_cache
+from diffusion_lm.samplers import approx_cache, published
 
 
 def stratified_times(k, u_B, num_t_samples: int):
@@ -74,7 +74,12 @@ class MaskedDiffusion(Objective):
     return out
 
   def generate(self, model, params, key, tokens_BxL, example_ids_B, cfg, *, schedule, mask_id, bos_id, eos_id,
-               return_trajectory=False):
+               return_trajectory=False, gen_start=None, eot_id=-1):
+    """gen_start (the published decoders, samplers/published.py): where generation starts, the prompt's end."""
+    if cfg.name in published.DECODERS:
+      return published.sample(model, params, key, tokens_BxL, example_ids_B, cfg, gen_start=gen_start,
+                              mask_id=mask_id, eos_id=-1 if eos_id is None else eos_id, eot_id=eot_id,
+                              return_trajectory=return_trajectory)
     if cfg.approx_cache != "none":
       return approx_cache.sample(model, params, key, tokens_BxL, example_ids_B, cfg, schedule=schedule,
                                  mask_id=mask_id, return_trajectory=return_trajectory)

@@ -24,6 +24,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from diffusion_lm.errors import UserError
 from diffusion_lm.samplers import confidence
 from diffusion_lm.samplers.common import Run, SampleOutput
 from diffusion_lm.samplers.config import SamplerConfig
@@ -32,6 +33,10 @@ from diffusion_lm.samplers.config import SamplerConfig
 def sample(model, params, key, tokens_BxL, example_ids_B, cfg: SamplerConfig, *, schedule, mask_id: int,
            return_trajectory: bool = False) -> SampleOutput:
   """Fills every [MASK] of tokens_BxL with the blocks sampler under cfg.approx_cache; call under jax.jit."""
+  if model.config.shift_logits:
+    # A chunk's first position is predicted by the position before it, which the chunk does not compute.
+    raise UserError("approx_cache with model.shift_logits=True (Dream-style) and sampler='blocks'; allowed: "
+                    "sampler=fast_dllm (Fast-dLLM's cached Dream decoding) or --approx_cache=none")
   tokens_BxL = tokens_BxL.astype(jnp.int32)
   batch_size, length = tokens_BxL.shape
   cfg.check_length(length, length)

@@ -104,13 +104,14 @@ def inverse_cdf(u_BxL, probs_BxLxK):
   return jnp.minimum(block * size + offset, vocab - 1).astype(jnp.int32)
 
 
-def confidence_scores(key_B, probs_BxLxK, tokens_BxL, kind: str):
+def confidence_scores(key_B, probs_BxLxK, tokens_BxL, kind: str, rounding: int = 0):
   """Higher = more confident; float32[B, L].
 
   max_prob: probability of the drawn token; margin: top-1 minus top-2 probability; entropy: -H in
-  nats; random: a uniform draw. Model-based scores are rounded to 2^-12 so that near-ties (common:
-  many positions see similar context) are broken by position, not by float noise that differs with
-  batch size or device count.
+  nats; random: a uniform draw. Ranked at full precision by default (rounding = 0), as the published
+  decoders rank; rounding = n rounds model-based scores to 2^-n, so that near-ties are broken by
+  position rather than by float noise that may differ with batch size or device count (README:
+  "Batch invariance and confidence rounding").
   """
   if kind == "random":
     return jax.vmap(lambda k: jax.random.uniform(k, tokens_BxL.shape[1:]))(key_B)
@@ -121,7 +122,10 @@ def confidence_scores(key_B, probs_BxLxK, tokens_BxL, kind: str):
     score = top2[..., 0] - top2[..., 1]
   else:  # entropy
     score = jnp.sum(probs_BxLxK * jnp.log(jnp.maximum(probs_BxLxK, 1e-30)), axis=-1)
-  return jnp.round(score * 4096.0) / 4096.0
+  if not rounding:
+    return score
+  scale = float(2 ** rounding)
+  return jnp.round(score * scale) / scale
 
 
 # ----------------------------------------------------------------------------- rank and commit

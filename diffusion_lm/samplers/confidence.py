@@ -33,7 +33,8 @@ def sample(run: Run, tokens_BxL) -> SampleOutput:
     remaining = jnp.sum(candidates, axis=-1)
     frac = commit_fraction(cfg.commit_schedule, i % steps_per_block, steps_per_block)
     count = jnp.clip(jnp.floor(remaining * frac + 0.5).astype(jnp.int32), jnp.minimum(remaining, 1), remaining)
-    commit = commit_top(confidence_scores(keys[:, 3], probs, proposal, cfg.confidence), candidates, count)
+    commit = commit_top(confidence_scores(keys[:, 3], probs, proposal, cfg.confidence,
+                                                cfg.confidence_rounding), candidates, count)
     x = jnp.where(commit, proposal, x)
     return x, run.record(traj, i, x), used + (remaining > 0).astype(jnp.int32)
 

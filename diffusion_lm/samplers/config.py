@@ -6,8 +6,12 @@ import numpy as np
 
 from diffusion_lm.errors import UserError
 
-SAMPLERS = ("ancestral", "confidence", "blocks", "threshold", "remdm")
+SAMPLERS = ("ancestral", "confidence", "blocks", "threshold", "remdm", "llada", "fast_dllm", "dream")
+PUBLISHED = ("llada", "fast_dllm", "dream")  # the authors' decoders, token for token (samplers/published.py)
 CONFIDENCES = ("max_prob", "margin", "entropy", "random")
+# The references' names for the same confidences (LLaDA remasking=, Dream alg=).
+CONFIDENCE_ALIASES = {"low_confidence": "max_prob", "maskgit_plus": "max_prob", "topk_margin": "margin",
+                      "origin": "random"}
 COMMIT_SCHEDULES = ("linear", "cosine")
 TIME_GRIDS = ("uniform", "cosine")
 REMASK_SCHEDULES = ("cap", "rescale", "conf", "loop")
@@ -30,7 +34,13 @@ class SamplerConfig:
   commit_schedule: str = "linear"  # confidence/blocks: how many to commit per step
   block_length: int = 32  # blocks: tokens per block
   approx_cache: str = "none"  # blocks on a bidirectional model: none | prefix | dual (Fast-dLLM; approximate)
-  threshold: float = 0.9  # threshold: commit predictions at least this confident
+  threshold: float = 0.9  # threshold, fast_dllm: commit predictions at least this confident (fast_dllm: 0 = off)
+  factor: float = 0.0  # fast_dllm: factor-based parallel decoding (0 = off)
+  eps: float = 1e-3  # dream: the time grid ends at eps (linspace(1, eps, steps + 1))
+  alg_temp: float = 0.0  # dream: > 0 samples the positions to reveal from softmax(confidence / alg_temp)
+  logits_eos_inf: bool = False  # llada, fast_dllm: never draw the end-of-text token (LLaDA's option)
+  confidence_eos_eot_inf: bool = False  # llada, fast_dllm: end-of-text / end-of-turn drafts get no confidence
+  confidence_rounding: int = 0  # confidence, blocks, threshold: round confidences to 2^-n before ranking (0 = exact)
   remask_schedule: str = "cap"  # remdm: cap | rescale | conf | loop (Wang et al. 2025)
   remask_eta: float = 0.05  # remdm: eta of cap / rescale / loop (unused by conf)
   remask_t_on: float = 1.0  # remdm: remasking only while t_off < t <= t_on (switch); loop: its window
@@ -38,16 +48,23 @@ class SamplerConfig:
   remask_alpha_on: float = 0.9  # remdm loop: alpha held inside the loop window
   guidance: float = 0.0  # classifier-free guidance weight on the given tokens (0 = off)
 
+  @property
+  def threshold_decoding(self) -> bool:
+    """fast_dllm: whether steps commit by threshold (else by factor, else by LLaDA's counts)."""
+    return self.threshold > 0 and self.factor == 0
+
   def __post_init__(self):
+    if self.confidence in CONFIDENCE_ALIASES:
+      object.__setattr__(self, "confidence", CONFIDENCE_ALIASES[self.confidence])
     _choice("sampler", self.name, SAMPLERS)
     _choice("confidence", self.confidence, CONFIDENCES)
     _choice("commit_schedule", self.commit_schedule, COMMIT_SCHEDULES)
     _choice("time_grid", self.time_grid, TIME_GRIDS)
     _choice("remask_schedule", self.remask_schedule, REMASK_SCHEDULES)
     _choice("approx_cache", self.approx_cache, APPROX_CACHES)
-    if self.approx_cache != "none" and self.name != "blocks":
-      raise UserError(f"approx_cache={self.approx_cache!r} with sampler={self.name!r}; allowed: the blocks sampler "
-                      "(or approx_cache='none')")
+    if self.approx_cache != "none" and self.name not in ("blocks", "fast_dllm"):
+      raise UserError(f"approx_cache={self.approx_cache!r} with sampler={self.name!r}; allowed: the blocks or "
+                      "fast_dllm sampler (or approx_cache='none')")
     if self.approx_cache != "none" and self.guidance > 0:
       raise UserError(f"approx_cache={self.approx_cache!r} with guidance={self.guidance}; allowed: one of the two")
     check_steps(self.steps)
@@ -57,8 +74,24 @@ class SamplerConfig:
       raise UserError(f"top_k={self.top_k}; allowed: an integer >= 0 (0 = off)")
     if not 0 < self.top_p <= 1:
       raise UserError(f"top_p={self.top_p}; allowed: 0 < top_p <= 1")
-    if not 0 < self.threshold <= 1:
-      raise UserError(f"threshold={self.threshold}; allowed: 0 < threshold <= 1")
+    off_allowed = self.name == "fast_dllm"
+    if not (0 < self.threshold <= 1 or (off_allowed and self.threshold == 0)):
+      raise UserError(f"threshold={self.threshold}; allowed: 0 < threshold <= 1" +
+                      (" (0 = off)" if off_allowed else ""))
+    if not 0 <= self.factor:
+      raise UserError(f"factor={self.factor}; allowed: a number >= 0 (0 = off)")
+    if not 0 < self.eps < 1:
+      raise UserError(f"eps={self.eps}; allowed: 0 < eps < 1")
+    if not self.alg_temp >= 0:
+      raise UserError(f"alg_temp={self.alg_temp}; allowed: a number >= 0 (0 = off)")
+    if not (isinstance(self.confidence_rounding, int) and 0 <= self.confidence_rounding <= 24):
+      raise UserError(f"confidence_rounding={self.confidence_rounding}; allowed: an integer 0..24 (0 = exact)")
+    if self.name in PUBLISHED and self.confidence == "margin" and self.name != "dream":
+      raise UserError(f"confidence='margin' with sampler={self.name!r}; allowed: max_prob (low_confidence) or "
+                      "random")
+    if self.name in PUBLISHED and self.confidence == "entropy" and self.name != "dream":
+      raise UserError(f"confidence='entropy' with sampler={self.name!r}; allowed: max_prob (low_confidence) or "
+                      "random")
     if not 0 <= self.remask_eta <= 1:
       raise UserError(f"remask_eta={self.remask_eta}; allowed: 0 <= remask_eta <= 1")
     if not 0 <= self.remask_t_off <= self.remask_t_on <= 1:
@@ -76,8 +109,10 @@ class SamplerConfig:
       if not 0 < self.remask_t_off < self.remask_t_on < 1:
         raise UserError(f"remask_t_on={self.remask_t_on}, remask_t_off={self.remask_t_off} for the loop; "
                         "allowed: 0 < t_off < t_on < 1 (e.g. 0.55 and 0.05)")
-    if not (isinstance(self.block_length, int) and self.block_length >= 1):
-      raise UserError(f"block_length={self.block_length}; allowed: an integer >= 1")
+    low = 0 if self.name in PUBLISHED else 1
+    if not (isinstance(self.block_length, int) and self.block_length >= low):
+      raise UserError(f"block_length={self.block_length}; allowed: an integer >= {low}" +
+                      (" (0 = one block)" if low == 0 else ""))
     if self.guidance < 0:
       raise UserError(f"guidance={self.guidance}; allowed: a number >= 0")
 
@@ -94,6 +129,8 @@ class SamplerConfig:
       if self.steps // num_blocks > self.block_length:
         raise UserError(f"steps={self.steps} gives {self.steps // num_blocks} steps per block of "
                         f"{self.block_length} tokens; allowed: at most {self.block_length * num_blocks}")
+    if self.name in PUBLISHED:
+      return  # checked against the prompt's end by samplers/published.check
     if self.name == "confidence" and self.steps > num_masked:
       raise UserError(f"steps={self.steps} exceeds the {num_masked} positions to generate; the confidence "
                       f"sampler commits at least one per step: allowed at most {num_masked}")

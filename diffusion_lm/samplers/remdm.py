@@ -106,7 +106,7 @@ def sample(run: Run, tokens_BxL) -> SampleOutput:
     if split is None:
       cache = jax.lax.cond(recompute, lambda: run.denoise(x, t_B, i), lambda: cache)
       proposal, probs = draw_tokens(keys[:, 0], cache, cfg)
-      scores = confidence_scores(keys[:, 3], probs, proposal, cfg.confidence) if conf_remask else None
+      scores = confidence_scores(keys[:, 3], probs, proposal, cfg.confidence, cfg.confidence_rounding) if conf_remask else None
     else:
       cache = jax.lax.cond(recompute, lambda: split.trunk(x, t_B), lambda: cache)
       proposal, scores = _draw_revealed(run, split, cache, x, t_B, keys, reveal, width, conf_remask)
@@ -139,7 +139,7 @@ def _draw_revealed(run: Run, split, trunk, x_BxL, t_B, keys, reveal_BxL, width: 
     scores = None
     if with_scores:
       scores = (at(confidence_scores(keys[:, 3], None, x_BxL, "random")) if kind == "random"
-                else confidence_scores(keys[:, 3], probs, tokens, kind))
+                else confidence_scores(keys[:, 3], probs, tokens, kind, cfg.confidence_rounding))
     if positions_BxQ is None:
       return tokens, scores
     rows = jnp.arange(x_BxL.shape[0])[:, None]

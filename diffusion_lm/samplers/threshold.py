@@ -30,7 +30,7 @@ def sample(run: Run, tokens_BxL) -> SampleOutput:
     keys = run.step_keys(i)
     proposal, probs = draw_tokens(keys[:, 0], logits, cfg)
     masked = x == run.mask_id
-    score = jnp.where(masked, confidence_scores(keys[:, 3], probs, proposal, cfg.confidence), -jnp.inf)
+    score = jnp.where(masked, confidence_scores(keys[:, 3], probs, proposal, cfg.confidence, cfg.confidence_rounding), -jnp.inf)
     confident = score >= threshold_score(cfg)
     best = rank_desc(score) == 0
     commit = masked & (confident | best | (i == cfg.steps - 1))
