@@ -119,7 +119,9 @@ def get_config(arg=None):
   ev.seed = 0  # fixed (>= 0): the capped subset and the time draws, so evaluation numbers are reproducible
 
   config.sampling = smp = ml_collections.ConfigDict()
-  smp.name = "ancestral"  # ancestral | confidence | blocks | threshold | remdm (see diffusion_lm/sampling.py)
+  # ancestral | confidence | blocks | threshold | remdm, or the published decoders token for token: llada |
+  # fast_dllm | dream (see diffusion_lm/samplers/__init__.py)
+  smp.name = "ancestral"
   smp.steps = 128  # denoising steps T (threshold: the most it may take; it stops when nothing is masked)
   smp.temperature = 1.0  # softmax temperature (0 = argmax)
   smp.top_k = 0  # keep only the k most likely tokens (0 = off)
@@ -131,7 +133,13 @@ def get_config(arg=None):
   smp.commit_schedule = "linear"  # confidence/blocks: tokens committed per step, linear | cosine
   smp.approx_cache = "none"  # blocks on a masked-diffusion model: none | prefix | dual (Fast-dLLM, approximate)
   smp.block_length = 32  # blocks: tokens per semi-autoregressive block
-  smp.threshold = 0.9  # threshold: commit every prediction at least this confident
+  smp.threshold = 0.9  # threshold, fast_dllm: commit every prediction at least this confident (fast_dllm: 0 = off)
+  smp.factor = 0.0  # fast_dllm: factor-based parallel decoding (0 = off)
+  smp.eps = 1e-3  # dream: the time grid linspace(1, eps, steps + 1)
+  smp.alg_temp = 0.0  # dream: > 0 samples the positions to reveal from softmax(confidence / alg_temp)
+  smp.logits_eos_inf = False  # llada, fast_dllm: never draw the end-of-text token
+  smp.confidence_eos_eot_inf = False  # llada, fast_dllm: end-of-text / end-of-turn drafts get no confidence
+  smp.confidence_rounding = 0  # confidence/blocks/threshold/remdm: round confidences to 2^-n to rank (0 = exact)
   smp.remask_schedule = "cap"  # remdm (Wang et al. 2025): cap | rescale | conf | loop
   smp.remask_eta = 0.05  # remdm: eta of cap (sigma <= eta), rescale (sigma = eta sigma_max) and loop
   smp.remask_t_on = 1.0  # remdm: remask only while t_off < t <= t_on; loop: the window alpha is held in

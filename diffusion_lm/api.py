@@ -41,13 +41,26 @@ class Generation:
   seed: int
   step: int  # checkpoint step of the parameters
   block_size: int  # tokens per block of a block-diffusion model (its steps count per block), else 0
+  mask_id: int = -1  # the [MASK] id of the template
 
   def describe(self) -> str:
     per = f" per {self.block_size}-token block" if self.block_size else ""
     cfg = self.sampler
     cache = f" with the approximate {cfg.approx_cache} cache" if cfg.approx_cache != "none" else ""
-    return (f"{len(self.texts)} samples, {self.seq_len} tokens, {cfg.name} sampler{cache}, {cfg.steps} steps{per}"
-            f"{' (max)' if cfg.name == 'threshold' else ''}, seed {self.seed}, checkpoint step {self.step}")
+    if cfg.name == "fast_dllm" and cfg.factor > 0:
+      steps = f"factor {cfg.factor:g} (no step budget)"
+    elif cfg.name == "fast_dllm" and cfg.threshold_decoding:
+      steps = f"threshold {cfg.threshold:g} (no step budget)"
+    else:
+      steps = f"{cfg.steps} steps{per}{' (max)' if cfg.name == 'threshold' else ''}"
+    return (f"{len(self.texts)} samples, {self.seq_len} tokens, {cfg.name} sampler{cache}, {steps}, seed {self.seed}, "
+            f"checkpoint step {self.step}")
+
+  def forward_summary(self) -> str:
+    """Forward passes of the run and generated tokens per forward pass (per sequence)."""
+    generated = float(np.mean(np.sum(self.template == self.mask_id, axis=1)))
+    calls = int(self.output.num_calls)
+    return f"forward passes {calls}, {generated / max(calls, 1):.2f} tokens per forward"
 
 
 def generation_length(trained, seq_len=None, max_new_tokens=None, prompt="", suffix="", infill="") -> int:
@@ -111,7 +124,8 @@ def generate_tokens(trained, *, prompt: str = "", suffix: str = "", infill: str 
   template = generator.template(length, num_samples, prompt=prompt, suffix=suffix, infill=infill)
   out = generator(trained.params, template, seed)
   texts = generator.decode([row[:n] for row, n in zip(out.tokens, out.lengths)])
-  return Generation(texts, out, template, cfg, length, seed, trained.step, trained.model.config.block_size)
+  return Generation(texts, out, template, cfg, length, seed, trained.step, trained.model.config.block_size,
+                    trained.tokenizer.mask_id)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -290,7 +290,7 @@ def sampling_rows(runs, *, batches, seq_len: int, steps_list, samplers, repeats:
       per = "/block" if row["steps_per_block"] else ""
       log(f"{label:>10} {name:>10} T{budget}{steps:<4}{per:6} B={batch:<3} {seconds:8.3f} s  "
           f"{row['tokens_per_sec']:9.0f} tok/s  {row['latency_per_sequence_s'] * 1e3:8.1f} ms/seq  "
-          f"compile {compile_s:5.1f} s  calls {calls:4d}  {row['tokens_per_call']:5.2f} tok/call  "
+          f"compile {compile_s:5.1f} s  forward passes {calls:4d}  {row['tokens_per_call']:5.2f} tok/forward  "
           f"{row['ms_per_call']:6.2f} ms/call{overhead}{quality}  entropy {row['sample_entropy_bits']:.2f} bits "
           f"(per-sequence mean)")
   return rows
@@ -369,7 +369,7 @@ def define_flags():
   flags.DEFINE_list("batches", ["1", "32"], "Batch sizes for sampling.")
   flags.DEFINE_integer("seq_len", 256, "Tokens per generated sequence.")
   flags.DEFINE_list("steps", ["32", "64", "256"], "Step counts T.")
-  flags.DEFINE_list("samplers", list(sampling.SAMPLERS),
+  flags.DEFINE_list("samplers", [n for n in sampling.SAMPLERS if n not in sampling.PUBLISHED],
                     f"Samplers to time, comma-separated; choices: {', '.join(sampling.SAMPLERS)}.")
   flags.DEFINE_integer("repeats", 1, "Timed runs per setting (after compiling); the minimum is kept.")
   flags.DEFINE_integer("train_steps", 5, "Timed train steps (after one compile step).")

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_lm import checkpointing, experiment, paths, tokenizers
+from diffusion_lm import checkpointing, experiment, generation_config, paths, tokenizers
 from diffusion_lm.errors import CONFIGS_DIR, UserError, cli_main, parse_flags
 from diffusion_lm.model import ModelConfig, Transformer
 
@@ -351,7 +351,8 @@ def _default_config():
   return module.get_config()
 
 
-def write_workdir(workdir: str, model_fields: dict, objective: str, tokenizer, params, seq_len: int) -> str:
+def write_workdir(workdir: str, model_fields: dict, objective: str, tokenizer, params, seq_len: int,
+                  sampling: dict | None = None) -> str:
   """A workdir holding `params` (numpy tree) as the step-0 checkpoint of a config built from
   configs/default.py with `model_fields` and `objective`; returns the checkpoint directory."""
   if checkpointing.read_saved_config(workdir)[0] is not None:
@@ -365,6 +366,7 @@ def write_workdir(workdir: str, model_fields: dict, objective: str, tokenizer, p
   config.tokenizer.kind = tokenizer.kind
   config.data.seq_len = min(seq_len, fields["max_len"])
   config.evaluation.batch_size = config.training.batch_size = 8
+  generation_config.apply_defaults(config, sampling or {})
   experiment.check_config(config)
   model = Transformer(experiment.model_config(config, tokenizer.vocab_size))
   _check_tree(params, model, config.data.seq_len)
@@ -437,7 +439,8 @@ def import_hf(folder: str, workdir: str, max_len: int = 0, seq_len: int = 128) -
     if not cfg.tie_embeddings:
       params["head"]["kernel"] = tensors["lm_head.weight"].T.copy()
   tokenizer = _hf_tokenizer(folder, cfg.vocab_size, ids["eos_id"], ids["mask_id"])
-  write_workdir(workdir, fields, objective, tokenizer, params, seq_len)
+  sampling = generation_config.sampling_defaults(folder, family) if objective == "diffusion" else {}
+  write_workdir(workdir, fields, objective, tokenizer, params, seq_len, sampling)
   return {"family": family, "objective": objective, "parameters": experiment.param_count(params),
           "vocab_size": cfg.vocab_size, "mask_id": tokenizer.mask_id, "eos_id": tokenizer.eos_id}
 
@@ -496,6 +499,7 @@ def export_hf(workdir: str, folder: str, use_ema: bool = True) -> list[str]:
   written = _write_safetensors(tensors, folder)
   paths.write_bytes(paths.join(folder, "config.json"), json.dumps(hf, indent=2).encode())
   written.append("config.json")
+  written.append(generation_config.write(folder, trained.config.sampling, tokenizer.mask_id))
   if tokenizer.kind == "hf":
     paths.write_bytes(paths.join(folder, "tokenizer.json"), tokenizer.tokenizer_json)
     settings = {"eos_token": tokenizer.eos_token}

@@ -7,6 +7,10 @@
   python -m diffusion_lm.sample --workdir=runs/demo --sampler=remdm --remask_schedule=loop --remask_eta=0.02 \
       --remask_t_on=0.55 --remask_t_off=0.05 --steps=256
   python -m diffusion_lm.sample --workdir=runs/demo_block --sampler=threshold --steps=4 --max_new_tokens=512
+  python -m diffusion_lm.sample --workdir=runs/llada --prompt="..." --max_new_tokens=128 --sampler=llada \
+      --steps=128 --block_length=32   # LLaDA's generate, token for token (an imported LLaDA's default)
+  python -m diffusion_lm.sample --workdir=runs/llada --prompt="..." --max_new_tokens=256 --sampler=fast_dllm \
+      --threshold=0.9 --block_length=32 --approx_cache=dual   # Fast-dLLM's headline setting
 """
 
 import json
@@ -23,7 +27,8 @@ FLAGS = flags.FLAGS
 # A new sampler setting is a flag in define_flags' sampler groups and its name here.
 _OVERRIDES = ("steps", "temperature", "top_k", "top_p", "float64", "guidance", "time_grid", "cache", "confidence",
               "commit_schedule", "block_length", "threshold", "remask_schedule", "remask_eta", "remask_t_on",
-              "remask_t_off", "remask_alpha_on", "approx_cache")
+              "remask_t_off", "remask_alpha_on", "approx_cache", "factor", "eps", "alg_temp", "logits_eos_inf",
+              "confidence_eos_eot_inf", "confidence_rounding")
 
 
 def define_flags():
@@ -54,14 +59,24 @@ def define_flags():
   # Settings of particular samplers; the help starts with the samplers that read it.
   flags.DEFINE_enum("time_grid", None, list(sampling.TIME_GRIDS), "ancestral/remdm: the time grid.")
   flags.DEFINE_bool("cache", None, "ancestral/remdm: reuse logits after steps that changed nothing.")
-  flags.DEFINE_enum("confidence", None, list(sampling.CONFIDENCES),
-                    "confidence/blocks/threshold/remdm: how sure a prediction is.")
+  flags.DEFINE_enum("confidence", None, list(sampling.CONFIDENCES) + list(sampling.CONFIDENCE_ALIASES),
+                    "confidence/blocks/threshold/remdm/llada/fast_dllm/dream: how sure a prediction is (the "
+                    "references' names: low_confidence, maskgit_plus, topk_margin, origin).")
   flags.DEFINE_enum("commit_schedule", None, list(sampling.COMMIT_SCHEDULES),
                     "confidence/blocks: how many tokens are committed per step.")
   flags.DEFINE_integer("block_length", None, "blocks: tokens per block (must divide seq_len).")
   flags.DEFINE_enum("approx_cache", None, list(sampling.APPROX_CACHES),
                     "blocks on a masked-diffusion model: Fast-dLLM's approximate prefix | dual key/value cache.")
-  flags.DEFINE_float("threshold", None, "threshold: commit predictions at least this confident, in (0, 1].")
+  flags.DEFINE_float("threshold", None, "threshold, fast_dllm: commit predictions at least this confident, in "
+                     "(0, 1] (fast_dllm: 0 = off).")
+  flags.DEFINE_float("factor", None, "fast_dllm: factor-based parallel decoding (0 = off).")
+  flags.DEFINE_float("eps", None, "dream: the time grid's end, linspace(1, eps, steps + 1).")
+  flags.DEFINE_float("alg_temp", None, "dream: sample the positions to reveal from softmax(confidence / alg_temp).")
+  flags.DEFINE_bool("logits_eos_inf", None, "llada/fast_dllm: never draw the end-of-text token.")
+  flags.DEFINE_bool("confidence_eos_eot_inf", None, "llada/fast_dllm: end-of-text/end-of-turn drafts get no "
+                    "confidence.")
+  flags.DEFINE_integer("confidence_rounding", None, "confidence/blocks/threshold/remdm: round confidences to "
+                       "2^-n before ranking (0 = exact).")
   flags.DEFINE_enum("remask_schedule", None, list(sampling.REMASK_SCHEDULES),
                     "remdm: how much to remask per step (ReMDM's cap, rescale, conf and loop).")
   flags.DEFINE_float("remask_eta", None, "remdm: eta of cap (sigma <= eta), rescale (sigma = eta sigma_max), loop.")
@@ -103,7 +118,7 @@ def main(argv):
       print(json.dumps({"index": i, "text": text, "length": int(out.lengths[i]),
                         "steps_used": int(out.steps_used[i])}), flush=True)
   else:
-    print(f"# {meta}; denoiser calls {out.num_calls}", flush=True)
+    print(f"# {meta}; {gen.forward_summary()}", flush=True)
     for i, text in enumerate(texts):
       notes = [f"{int(out.lengths[i])} tokens"] if cached else []
       notes += [f"{int(out.steps_used[i])} steps"] if cfg.name == "threshold" else []

@@ -15,9 +15,13 @@ Strategies (`SamplerConfig.name`), one module each over the shared pieces in `co
               cosine commit schedule.
   blocks      (confidence.py) semi-autoregressive: left-to-right blocks of `block_length`, confidence
               unmasking inside each block (LLaDA).
-  threshold   (threshold.py) adaptive parallel decoding (Fast-dLLM): commit every position whose
-              confidence passes `threshold`, at least one per step, everything left at the last of
-              at most `steps`; reports the steps used.
+  threshold   (threshold.py) adaptive parallel decoding with a step budget (the project's): commit every
+              position whose confidence passes `threshold`, at least one per step, everything left at
+              the last of at most `steps`; every masked position of the row competes.
+  llada, fast_dllm, dream
+              (published.py) the authors' decoders token for token: LLaDA's generate, Fast-dLLM's
+              threshold / factor decoding within the current block (no step budget) with its caches,
+              Dream's diffusion_generate. Generation starts at the prompt's end.
 Samplers without a time grid (confidence, blocks, threshold) give the denoiser the t whose masked
 fraction 1 - alpha(t) equals the row's current one.
 """
@@ -31,8 +35,9 @@ from diffusion_lm.samplers import confidence, remdm, threshold
 from diffusion_lm.samplers.common import (SampleOutput, Run, SplitDenoiser, confidence_scores, draw_tokens,
                                           filter_logits, guided, rank_desc, time_grid)
 from diffusion_lm.samplers.conditioning import prompt_tokens, template_tokens
-from diffusion_lm.samplers.config import (APPROX_CACHES, COMMIT_SCHEDULES, CONFIDENCES, REMASK_SCHEDULES, SAMPLERS, TIME_GRIDS,
-                                          SamplerConfig, check_steps)
+from diffusion_lm.samplers.config import (APPROX_CACHES, COMMIT_SCHEDULES, CONFIDENCE_ALIASES, CONFIDENCES, PUBLISHED,
+                                          REMASK_SCHEDULES, SAMPLERS, TIME_GRIDS, SamplerConfig, check_steps)
+from diffusion_lm.errors import UserError
 from diffusion_lm.schedules import Schedule
 
 _STRATEGY = {"ancestral": remdm, "remdm": remdm, "confidence": confidence, "blocks": confidence,
@@ -65,6 +70,9 @@ def sample(denoiser: Callable, key: jax.Array, tokens_BxL: jax.Array, example_id
             given_BxL=given_BxL, cfg=cfg, schedule=schedule.bound_schedule, mask_id=mask_id,
             record_steps=cfg.steps if return_trajectory else 0, time_independent=time_independent,
             split=split if cfg.guidance <= 0 else None)
+  if cfg.name not in _STRATEGY:
+    raise UserError(f"sampler={cfg.name!r} runs on a model (objective generate), not on a bare denoiser; allowed "
+                    f"here: {', '.join(_STRATEGY)}")
   return _STRATEGY[cfg.name].sample(run, tokens_BxL)
 
 
@@ -77,6 +85,6 @@ def ancestral_sample(denoiser, key, tokens_BxL, example_ids_B, *, steps: int, sc
   return (out.tokens, out.trajectory) if return_trajectory else out.tokens
 
 
-__all__ = ["APPROX_CACHES", "COMMIT_SCHEDULES", "CONFIDENCES", "REMASK_SCHEDULES", "SAMPLERS", "TIME_GRIDS", "SampleOutput",
+__all__ = ["APPROX_CACHES", "COMMIT_SCHEDULES", "CONFIDENCE_ALIASES", "CONFIDENCES", "PUBLISHED", "REMASK_SCHEDULES", "SAMPLERS", "TIME_GRIDS", "SampleOutput",
            "SamplerConfig", "SplitDenoiser", "ancestral_sample", "check_steps", "confidence_scores", "draw_tokens", "filter_logits",
            "guided", "prompt_tokens", "rank_desc", "sample", "template_tokens", "time_grid"]
