@@ -199,8 +199,8 @@ def sample(model, params, key, tokens_BxL, example_ids_B, cfg: SamplerConfig, *,
   def apply(x, **kw):
     return model.apply({"params": params, **kw.pop("variables", {})}, x, None, keep_mask_logit=True, **kw)
 
-  full = lambda x: apply(x).astype(jnp.float32)
-  if cfg.guidance > 0:
+  full = lambda x, t=None: apply(x).astype(jnp.float32)
+  if cfg.guidance > 0:  # LLaDA's cfg_scale: un + (cfg + 1) (cond - un), the prompt masked in the unconditional pass
     full = guided(full, given_BxL, mask_id, cfg.guidance)
 
   def commit_step(x, logits_BxbxK, start, step, masked0_B, i):
@@ -254,7 +254,7 @@ def sample(model, params, key, tokens_BxL, example_ids_B, cfg: SamplerConfig, *,
     masked0 = jnp.sum(x[:, start:end] == mask_id, axis=-1)
     # First step: a full forward (keeping every layer's keys/values for the cached modes).
     if cfg.approx_cache == "none":
-      logits, cache = full(x), None
+      logits, cache = full(x, None), None
     else:
       logits, variables = apply(x, approx_cache="store", mutable=["approx_cache"])
       logits, cache = logits.astype(jnp.float32), variables["approx_cache"]
@@ -272,7 +272,7 @@ def sample(model, params, key, tokens_BxL, example_ids_B, cfg: SamplerConfig, *,
 
     if cfg.approx_cache == "none":
       def block_logits(x_, start=start, end=end):
-        return full(x_)[:, start:end]
+        return full(x_, None)[:, start:end]
     else:
       chunk_end = length if cfg.approx_cache == "prefix" else end
       positions = jnp.arange(start, chunk_end)
