@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_lm import convert, experiment
+from diffusion_lm import convert, experiment, sampling
 from diffusion_lm.errors import UserError
 from diffusion_lm.model import MASK_LOGIT, ModelConfig, Transformer
 
@@ -107,7 +107,14 @@ def test_export_import_round_trip_is_identity(imported, tmp_path):
     assert back.model.config == trained.model.config
     assert back.config.objective == trained.config.objective
     assert back.tokenizer.mask_id == trained.tokenizer.mask_id
+    # Sampler defaults travel in generation_config.json (an exported folder has no family defaults of its own).
+    assert back.config.sampling.to_dict() == trained.config.sampling.to_dict()
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back.params, trained.params)
+
+
+@pytest.mark.parametrize("family, decoder", [("llada", "llada"), ("dream", "dream"), ("llama", "ancestral")])
+def test_imported_models_default_to_their_authors_decoder(imported, family, decoder):
+  assert imported[family][1].config.sampling.name == decoder
 
 
 def test_project_model_round_trip(tmp_path):
@@ -199,9 +206,13 @@ def test_fine_tune_a_converted_checkpoint_and_export_it(imported, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back.params, tuned.params)
 
 
-def test_shifted_model_refuses_the_chunked_approximate_cache(imported):
+def test_shifted_model_refuses_the_blocks_approximate_cache(imported):
+  """The project's blocks sampler cannot cache a shifted model (a chunk's first prediction comes from outside
+  it); Fast-dLLM's Dream decoding (sampler fast_dllm) can, and is tested in test_published."""
+  from diffusion_lm.samplers import approx_cache  # pylint: disable=g-import-not-at-top
   _, trained = imported["dream"]
   tokens, _ = _reference("dream")
+  cfg = sampling.SamplerConfig(name="blocks", steps=4, block_length=4, approx_cache="prefix")
   with pytest.raises(UserError, match="shift_logits"):
-    trained.model.apply({"params": trained.params}, jnp.asarray(tokens[:, :4]), approx_cache="reuse",
-                        positions_L=jnp.arange(4), mutable=["approx_cache"])
+    approx_cache.sample(trained.model, trained.params, jax.random.key(0), jnp.asarray(tokens[:, :8]),
+                        jnp.arange(tokens.shape[0]), cfg, schedule=trained.schedule, mask_id=2)
