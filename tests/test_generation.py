@@ -24,7 +24,8 @@ def _generator(trained, cfg, devices, trajectory=False):
 
 @pytest.mark.parametrize("cfg", [sampling.SamplerConfig("ancestral", steps=8),
                                  sampling.SamplerConfig("confidence", steps=8, confidence="margin"),
-                                 sampling.SamplerConfig("threshold", steps=8, threshold=0.3)],
+                                 sampling.SamplerConfig("threshold", steps=8, threshold=0.3),
+                                 sampling.SamplerConfig("llada", steps=9, block_length=0, temperature=0.0)],
                          ids=lambda c: c.name)
 def test_same_sequence_whatever_the_batch_and_devices(trained, cfg):
   results = {}
