@@ -157,19 +157,29 @@ def check(cfg: SamplerConfig, length: int, gen_start: int, shifted: bool) -> tup
   if gen < 1:
     raise UserError(f"sampler={cfg.name!r}: nothing to generate after the {gen_start}-token prompt; allowed: "
                     "--max_new_tokens >= 1")
-  block = cfg.block_length if cfg.block_length and cfg.name != "dream" else gen  # Dream: one block
-  if gen % block:
-    raise UserError(f"block_length={cfg.block_length} does not divide the {gen} tokens to generate; allowed: a "
-                    f"divisor of {gen} (0 = one block)")
-  num_blocks = gen // block
   if cfg.name == "dream" and cfg.approx_cache != "none":
     raise UserError(f"approx_cache={cfg.approx_cache!r} with sampler='dream'; allowed: none (Dream's caches are "
                     "sampler=fast_dllm)")
   if cfg.approx_cache != "none" and cfg.guidance > 0:
     raise UserError(f"approx_cache={cfg.approx_cache!r} with guidance={cfg.guidance}; allowed: one of the two")
-  if cfg.name == "fast_dllm" and shifted and cfg.approx_cache == "none":
-    raise UserError("sampler='fast_dllm' on a shifted (Dream-layout) model needs approx_cache=prefix or dual "
-                    "(Fast-dLLM's Dream decoding is cached); allowed: --approx_cache=prefix|dual, or sampler=dream")
+  if cfg.name == "fast_dllm" and shifted and cfg.factor > 0:
+    raise UserError(f"factor={cfg.factor} with sampler='fast_dllm' on a shifted (Dream-layout) model; allowed: "
+                    "--threshold (Fast-dLLM's Dream decoding has no factor rule)")
+  if cfg.name == "dream" or (cfg.name == "fast_dllm" and shifted and cfg.approx_cache == "none"):
+    # One block: Dream's diffusion_generate, and Fast-dLLM's uncached Dream threshold decoding.
+    if cfg.name == "fast_dllm":
+      if not cfg.threshold_decoding:
+        raise UserError("sampler='fast_dllm' on a shifted (Dream-layout) model without a cache decodes by "
+                        "threshold; allowed: --threshold > 0, --approx_cache=prefix|dual, or sampler=dream")
+      if gen % cfg.steps:
+        raise UserError(f"steps={cfg.steps} does not divide the {gen} tokens to generate (Fast-dLLM's Dream "
+                        f"threshold decoding); allowed: a divisor of {gen}")
+    return gen, cfg.steps
+  block = cfg.block_length if cfg.block_length else gen
+  if gen % block:
+    raise UserError(f"block_length={cfg.block_length} does not divide the {gen} tokens to generate; allowed: a "
+                    f"divisor of {gen} (0 = one block)")
+  num_blocks = gen // block
   needs_steps = not (cfg.name == "fast_dllm" and (cfg.threshold_decoding or cfg.factor > 0))
   if needs_steps and cfg.steps % num_blocks:
     raise UserError(f"steps={cfg.steps} is not a multiple of the {num_blocks} blocks; allowed: a multiple of "
@@ -178,11 +188,13 @@ def check(cfg: SamplerConfig, length: int, gen_start: int, shifted: bool) -> tup
 
 
 def sample(model, params, key, tokens_BxL, example_ids_B, cfg: SamplerConfig, *, gen_start: int, mask_id: int,
-           eos_id: int = -1, eot_id: int = -1, return_trajectory: bool = False) -> SampleOutput:
+           eos_id: int = -1, eot_id: int = -1, return_trajectory: bool = False,
+           keep_mask_logit: bool = True) -> SampleOutput:
   """Fills the [MASK]s from position gen_start on, block by block, as the chosen published decoder.
 
-  Call under jax.jit (cfg, gen_start and the ids are static). The model's own [MASK] logit is kept (the
-  references do not remove it); a committed [MASK] stays masked, as there.
+  Call under jax.jit (cfg, gen_start and the ids are static). The model's own [MASK] logit is kept, as the
+  references keep it (keep_mask_logit=False removes it, as the project's other samplers do); a committed
+  [MASK] stays masked, as there.
   """
   tokens_BxL = tokens_BxL.astype(jnp.int32)
   batch, length = tokens_BxL.shape
@@ -191,25 +203,28 @@ def sample(model, params, key, tokens_BxL, example_ids_B, cfg: SamplerConfig, *,
   num_blocks = (length - gen_start) // block
   keys_B = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids_B)
   given_BxL = tokens_BxL != mask_id
-  dream_block = cfg.name == "fast_dllm" and shifted  # Fast-dLLM's Dream block decoding
+  dream_block = cfg.name == "fast_dllm" and shifted and cfg.approx_cache != "none"  # Fast-dLLM's cached Dream
+  dream_threshold = cfg.name == "fast_dllm" and shifted and cfg.approx_cache == "none"  # its confidence_threshold
   grid = None
   if cfg.name == "dream" or (dream_block and not cfg.threshold_decoding):
     grid = jnp.asarray(torch_linspace_f32(1.0, cfg.eps, steps_pb + 1))
 
   def apply(x, **kw):
-    return model.apply({"params": params, **kw.pop("variables", {})}, x, None, keep_mask_logit=True, **kw)
+    return model.apply({"params": params, **kw.pop("variables", {})}, x, None, keep_mask_logit=keep_mask_logit,
+                       **kw)
 
   full = lambda x, t=None: apply(x).astype(jnp.float32)
   if cfg.guidance > 0:  # LLaDA's cfg_scale: un + (cfg + 1) (cond - un), the prompt masked in the unconditional pass
     full = guided(full, given_BxL, mask_id, cfg.guidance)
 
-  def commit_step(x, logits_BxbxK, start, step, masked0_B, i):
-    """One step on the block at `start`: (new x, rows that had masked positions)."""
+  def commit_step(x, logits_BxbxK, start, step, masked0_B, i, left_B):
+    """One step on the block at `start`: (new x, rows that had masked positions, tokens held back)."""
     xb = jax.lax.dynamic_slice_in_dim(x, start, block, axis=1)
     cand = xb == mask_id
     remaining = jnp.sum(cand, axis=-1)
-    if cfg.name == "dream" or dream_block:
-      kind = "entropy" if dream_block else cfg.confidence
+    if cfg.name == "dream" or dream_block or dream_threshold:
+      kind = cfg.confidence if cfg.name == "dream" else (
+          "entropy" if dream_block and not cfg.threshold_decoding else "max_prob")
       tokens, conf = dream_tokens(keys_B, logits_BxbxK, cfg, step, kind)
     else:
       tokens, conf = llada_tokens(keys_B, logits_BxbxK, cfg, step, eos_id, eot_id)
@@ -223,11 +238,17 @@ def sample(model, params, key, tokens_BxL, example_ids_B, cfg: SamplerConfig, *,
         count = dream_count(remaining, grid, i, steps_pb)
       elif cfg.name == "fast_dllm" and cfg.factor > 0:
         count = factor_counts(conf, cand, cfg.factor)
+      elif dream_threshold:  # a quota of N / S per scheduled step plus what the threshold held back before
+        count = jnp.where(i < steps_pb, masked0_B // steps_pb, 0) + left_B
       elif cfg.name == "fast_dllm" and cfg.threshold_decoding:
         count = None
       else:
         count = llada_counts(masked0_B, steps_pb, i)
-      if count is None:
+      if dream_threshold:
+        scores = jnp.where(cand, conf, -jnp.inf)
+        rank = rank_desc(scores)
+        commit = cand & (rank < count[:, None]) & ((rank == 0) | (scores >= cfg.threshold))
+      elif count is None:
         scores = jnp.where(cand, conf, -jnp.inf)
         commit = cand & ((rank_desc(scores) == 0) | (scores >= cfg.threshold))
       elif cfg.name == "dream" and cfg.alg_temp > 0:
@@ -236,10 +257,11 @@ def sample(model, params, key, tokens_BxL, example_ids_B, cfg: SamplerConfig, *,
         commit = commit_top(conf / cfg.alg_temp + gumbel, cand, count)
       else:
         commit = commit_top(conf, cand, count)
+    held_back = (count - jnp.sum(commit, axis=-1)).astype(jnp.int32) if dream_threshold else left_B
     xb = jnp.where(commit, tokens, xb)
-    return jax.lax.dynamic_update_slice_in_dim(x, xb, start, axis=1), remaining > 0
+    return jax.lax.dynamic_update_slice_in_dim(x, xb, start, axis=1), remaining > 0, held_back
 
-  frames = block if (cfg.name == "fast_dllm") else steps_pb
+  frames = (block + steps_pb if dream_threshold else block) if cfg.name == "fast_dllm" else steps_pb
   frames = frames + 1 if dream_block else frames
   traj = jnp.zeros((num_blocks * frames if return_trajectory else 0, batch, length), jnp.int32)
 
@@ -262,11 +284,9 @@ def sample(model, params, key, tokens_BxL, example_ids_B, cfg: SamplerConfig, *,
       tokens, _ = dream_tokens(keys_B, logits[:, start:start + 1], cfg, step0, "max_prob")
       was_masked = x[:, start] == mask_id
       x = x.at[:, start].set(jnp.where(was_masked, tokens[:, 0], x[:, start]))
-      had = was_masked
-      first_i = 1
+      had, left = was_masked, jnp.zeros((batch,), jnp.int32)
     else:
-      x, had = commit_step(x, logits[:, start:end], start, step0, masked0, 0)
-      first_i = 1
+      x, had, left = commit_step(x, logits[:, start:end], start, step0, masked0, 0, jnp.zeros((batch,), jnp.int32))
     used, calls = used + had.astype(jnp.int32), calls + 1
     traj, frame = record(traj, frame, x), frame + 1
 
@@ -286,18 +306,20 @@ def sample(model, params, key, tokens_BxL, example_ids_B, cfg: SamplerConfig, *,
       x_, i, *_ = carry
       if cfg.name == "llada" or cfg.name == "dream":
         return i < steps_pb
+      if dream_threshold:  # runs past its steps until nothing is masked (each step commits at least one)
+        return jnp.any(x_[:, start:end] == mask_id) & (i < block + steps_pb + 1)
       left = jnp.any(x_[:, start:end] == mask_id)
       if dream_block and not cfg.threshold_decoding:
         return left & (i < steps_pb)
       return left & (i < block + 1)
 
     def body(carry, start=start, step0=step0, masked0=masked0, block_logits=block_logits):
-      x_, i, used_, calls_, traj_, frame_ = carry
-      x_, had_ = commit_step(x_, block_logits(x_), start, step0 + i, masked0, i)
-      return x_, i + 1, used_ + had_.astype(jnp.int32), calls_ + 1, record(traj_, frame_, x_), frame_ + 1
+      x_, i, used_, calls_, traj_, frame_, left_ = carry
+      x_, had_, left_ = commit_step(x_, block_logits(x_), start, step0 + i, masked0, i, left_)
+      return x_, i + 1, used_ + had_.astype(jnp.int32), calls_ + 1, record(traj_, frame_, x_), frame_ + 1, left_
 
-    x, _, used, calls, traj, frame = jax.lax.while_loop(
-        cond, body, (x, jnp.int32(first_i), used, calls, traj, frame))
+    x, _, used, calls, traj, frame, _ = jax.lax.while_loop(
+        cond, body, (x, jnp.int32(1), used, calls, traj, frame, left))
   if return_trajectory:
     traj = jnp.where((jnp.arange(traj.shape[0]) < frame)[:, None, None], traj, x[None])
   return SampleOutput(x, traj, used, calls, jnp.full((batch,), length, jnp.int32))
