@@ -43,7 +43,8 @@ def test_config_that_is_a_folder_is_one_line(tmp_path):
 def test_help_lists_the_choices_of_choice_flags():
   sample = " ".join(_cli("diffusion_lm.sample", "--help").stdout.split())
   for name, choices in (("sampler", sampling.SAMPLERS), ("time_grid", sampling.TIME_GRIDS),
-                        ("confidence", sampling.CONFIDENCES), ("commit_schedule", sampling.COMMIT_SCHEDULES)):
+                        ("confidence", sampling.CONFIDENCES + tuple(sampling.CONFIDENCE_ALIASES)),
+                        ("commit_schedule", sampling.COMMIT_SCHEDULES)):
     assert f"--{name}: <{'|'.join(choices)}>" in sample, name
   evaluate = " ".join(_cli("diffusion_lm.evaluate", "--help").stdout.split())
   assert f"--sampler: <{'|'.join(sampling.SAMPLERS)}>" in evaluate
@@ -61,6 +62,6 @@ def test_bad_choice_is_one_line_naming_the_choices(module, flag, tmp_path):
   out = _cli(module, f"--workdir={tmp_path}", flag)
   assert out.returncode == 2
   name = flag.split("=")[0].lstrip("-")
-  choices = {"confidence": sampling.CONFIDENCES, "time_grid": sampling.TIME_GRIDS,
+  choices = {"confidence": sampling.CONFIDENCES + tuple(sampling.CONFIDENCE_ALIASES), "time_grid": sampling.TIME_GRIDS,
              "commit_schedule": sampling.COMMIT_SCHEDULES, "sampler": sampling.SAMPLERS}[name]
   assert out.stderr.splitlines() == [f"error: flag {flag}: value should be one of <{'|'.join(choices)}>"], out.stderr
