@@ -284,6 +284,15 @@ class Run:
     max_new_tokens, seed, and sampler settings (temperature, top_k, confidence, ...)."""
     return self.sample(prompt, num_samples, sampler, steps, **kwargs).texts
 
+  def chat(self, messages, max_new_tokens: int = 128, seed: int = 0, **settings) -> str:
+    """The model's answer to a conversation [{"role": "user", "content": ...}, ...], rendered by its chat
+    template (an imported instruct model's) and cut at the end-of-turn token; settings as `generate`."""
+    from diffusion_lm import chat  # pylint: disable=g-import-not-at-top
+    template = chat.load_template(experiment.tokenizer_dir(self.workdir))
+    answer, _ = chat.reply(self.trained, template, messages, max_new_tokens=max_new_tokens, seed=seed,
+                           generators=self._generators, **settings)
+    return answer
+
   def evaluate(self, split: str | None = None, **kwargs) -> dict:
     """The likelihood bound on a split; kwargs: max_batches, num_t_samples, seed, discrete_steps."""
     return evaluate(self.trained, self.workdir, split=split, raw_params=not self.use_ema, cache=self._evaluators,

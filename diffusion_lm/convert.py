@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_lm import checkpointing, experiment, generation_config, paths, tokenizers
+from diffusion_lm import chat, checkpointing, experiment, generation_config, paths, tokenizers
 from diffusion_lm.errors import CONFIGS_DIR, UserError, cli_main, parse_flags
 from diffusion_lm.model import ModelConfig, Transformer
 
@@ -441,6 +441,7 @@ def import_hf(folder: str, workdir: str, max_len: int = 0, seq_len: int = 128) -
   tokenizer = _hf_tokenizer(folder, cfg.vocab_size, ids["eos_id"], ids["mask_id"])
   sampling = generation_config.sampling_defaults(folder, family) if objective == "diffusion" else {}
   write_workdir(workdir, fields, objective, tokenizer, params, seq_len, sampling)
+  chat.save_template(experiment.tokenizer_dir(workdir), chat.read_template(folder))
   return {"family": family, "objective": objective, "parameters": experiment.param_count(params),
           "vocab_size": cfg.vocab_size, "mask_id": tokenizer.mask_id, "eos_id": tokenizer.eos_id}
 
@@ -505,6 +506,9 @@ def export_hf(workdir: str, folder: str, use_ema: bool = True) -> list[str]:
     settings = {"eos_token": tokenizer.eos_token}
     if tokenizer.mask_id < rows and tokenizer.mask_token:
       settings["mask_token"] = tokenizer.mask_token
+    template = chat.load_template(experiment.tokenizer_dir(workdir))
+    if template:
+      settings["chat_template"] = template
     paths.write_bytes(paths.join(folder, "tokenizer_config.json"), json.dumps(settings).encode())
     written += ["tokenizer.json", "tokenizer_config.json"]
   elif tokenizer.kind == "sentencepiece":

@@ -45,6 +45,8 @@ def define_flags():
   flags.DEFINE_string("prompt", "", "Text held fixed at the start of every sample.")
   flags.DEFINE_string("suffix", "", "Text held fixed at the end of every sample.")
   flags.DEFINE_string("infill", "", "Text with [MASK] / [MASK*n] marking the tokens to generate.")
+  flags.DEFINE_string("chat", "", "A user message: rendered by the model's chat template, the answer printed up to "
+                      "its end-of-turn token (instruct models; --max_new_tokens, default 128).")
 
   # The sampler and the settings every sampler shares (default: the checkpoint config's sampling.*).
   flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS), "Sampling strategy.")
@@ -102,6 +104,16 @@ def main(argv):
   from diffusion_lm import api, experiment, visualize  # pylint: disable=g-import-not-at-top
   trained = experiment.load_trained(FLAGS.workdir, use_ema=not FLAGS.raw_params)
   model_config = trained.model.config
+  if FLAGS.chat:
+    from diffusion_lm import chat  # pylint: disable=g-import-not-at-top
+    if FLAGS.prompt or FLAGS.suffix or FLAGS.infill or FLAGS.seq_len:
+      raise UserError("--chat renders the whole prompt; allowed: --chat without --prompt/--suffix/--infill/--seq_len")
+    answer, gen = chat.reply(trained, chat.load_template(experiment.tokenizer_dir(FLAGS.workdir)),
+                             [{"role": "user", "content": FLAGS.chat}], max_new_tokens=FLAGS.max_new_tokens or 128,
+                             seed=FLAGS.seed, sampler=FLAGS.sampler,
+                             **{name: getattr(FLAGS, name) for name in _OVERRIDES})
+    print(f"# {gen.describe()}; {gen.forward_summary()}\n{answer}", flush=True)
+    return
   cached = model_config.causal or model_config.block_size  # lengths vary: each sample says its own
   gen = api.generate_tokens(trained, prompt=FLAGS.prompt, suffix=FLAGS.suffix, infill=FLAGS.infill,
                             num_samples=FLAGS.num_samples, seq_len=FLAGS.seq_len, max_new_tokens=FLAGS.max_new_tokens,

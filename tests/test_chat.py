@@ -1,0 +1,91 @@
+"""Chat templates (diffusion_lm/chat.py): rendered as transformers renders them, carried through import and
+export, answers cut at the end-of-turn token, `run.chat` and `python -m diffusion_lm.chat` end to end."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import diffusion_lm
+from diffusion_lm import chat, convert, experiment
+from diffusion_lm.errors import UserError
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf", "llada")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# trim_blocks drops the newline after a block tag and lstrip_blocks the spaces before one, as transformers
+# renders templates; the expected strings below are written out by hand.
+TEMPLATE = ("{% for m in messages %}\n"
+            "  {% if m['role'] == 'system' and not loop.first %}{{ raise_exception('system first') }}{% endif %}\n"
+            "[{{ m['role'] }}]{{ m['content'] | trim }}{{ eos_token }}\n"
+            "{% endfor %}\n"
+            "{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def instruct(tmp_path_factory):
+  root = tmp_path_factory.mktemp("chat")
+  folder = root / "llada_instruct"
+  shutil.copytree(FIXTURE, folder)
+  (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+  workdir = str(root / "w")
+  convert.import_hf(str(folder), workdir, max_len=256)
+  return workdir
+
+
+def test_template_renders_as_transformers_does(instruct):
+  trained = experiment.load_trained(instruct)
+  template = chat.load_template(instruct)
+  assert template == TEMPLATE  # copied into the workdir at import
+  eos = trained.tokenizer.eos_token
+  messages = [{"role": "user", "content": " hi "}, {"role": "assistant", "content": "yo"},
+              {"role": "user", "content": "ok?"}]
+  expected = f"[user]hi{eos}\n[assistant]yo{eos}\n[user]ok?{eos}\n[assistant]"
+  assert chat.render(template, messages, trained.tokenizer) == expected
+  assert chat.render(template, messages[:1], trained.tokenizer, add_generation_prompt=False) == f"[user]hi{eos}\n"
+  with pytest.raises(UserError, match="system first"):
+    chat.render(template, messages + [{"role": "system", "content": "x"}], trained.tokenizer)
+  with pytest.raises(UserError, match="messages="):
+    chat.render(template, [], trained.tokenizer)
+
+
+def test_answer_stops_at_end_of_turn(instruct):
+  tok = experiment.load_trained(instruct).tokenizer
+  assert chat.answer_ids([5, 6, tok.eos_id, 7], tok) == [5, 6]
+  assert chat.answer_ids([5, tok.mask_id, 7], tok) == [5]
+  assert chat.answer_ids([5, 6], tok) == [5, 6]
+
+
+def test_run_chat_generates_after_the_rendered_conversation(instruct):
+  run = diffusion_lm.load(instruct)
+  messages = [{"role": "user", "content": "hi"}]
+  answer, gen = chat.reply(run.trained, chat.load_template(instruct), messages, max_new_tokens=8, steps=8,
+                           block_length=8)
+  prompt = run.tokenizer.encode(f"[user]hi{run.tokenizer.eos_token}\n[assistant]")
+  np.testing.assert_array_equal(gen.template[0][:len(prompt)], prompt)
+  assert gen.template.shape[1] == len(prompt) + 8 and gen.sampler.name == "llada"  # the family's decoder
+  ids = chat.answer_ids(gen.output.tokens[0][len(prompt):], run.tokenizer)
+  assert answer == run.tokenizer.decode(ids, show_mask=False)
+  assert run.chat(messages, max_new_tokens=8, steps=8, block_length=8) == answer
+
+
+def test_export_keeps_the_template(instruct, tmp_path):
+  out = str(tmp_path / "hf")
+  convert.export_hf(instruct, out)
+  assert chat.read_template(out) == TEMPLATE
+  back = str(tmp_path / "back")
+  convert.import_hf(out, back, max_len=256)
+  assert chat.load_template(back) == TEMPLATE
+
+
+def test_chat_command_multi_turn(instruct):
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-m", "diffusion_lm.chat", f"--workdir={instruct}", "--max_new_tokens=8",
+                        "--steps=8", "--block_length=8"], input="hello\nand again\n\n", capture_output=True,
+                       text=True, env=env, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.count("assistant> ") == 2 and "forward passes 8" in out.stdout
+  assert "step 8/8: 0 masked" in out.stderr  # the denoising shown as it happens
