@@ -235,6 +235,6 @@ def test_published_settings_are_checked(models):
     _run(trained, PROMPT6, 16, name="llada", steps=3, block_length=8)
   with pytest.raises(UserError, match="confidence='margin' with sampler='llada'"):
     sampling.SamplerConfig(name="llada", confidence="margin")
-  with pytest.raises(UserError, match="threshold=0; allowed: 0 < threshold"):
+  with pytest.raises(UserError, match="threshold=0.0; allowed: 0 < threshold <= 1$"):
     sampling.SamplerConfig(name="threshold", threshold=0.0)
   assert sampling.SamplerConfig(name="dream", confidence="topk_margin").confidence == "margin"

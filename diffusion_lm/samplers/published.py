@@ -268,12 +268,16 @@ def sample(model, params, key, tokens_BxL, example_ids_B, cfg: SamplerConfig, *,
   def record(traj, f, x):
     return traj.at[f].set(x) if return_trajectory else traj
 
-  x, used, calls, frame = tokens_BxL, jnp.zeros((batch,), jnp.int32), jnp.int32(0), jnp.int32(0)
-  for b in range(num_blocks):  # static: the cached chunks' lengths differ per block
+  def cut(a, start, size):
+    return jax.lax.dynamic_slice_in_dim(a, start, size, axis=1)
+
+  def one_block(b, state):
+    """Decodes block b (a Python int where the chunk's length depends on it, else traced)."""
+    x, used, calls, traj, frame = state
     start = gen_start + b * block
-    end = start + block
     step0 = b * (frames + 1)
-    masked0 = jnp.sum(x[:, start:end] == mask_id, axis=-1)
+    masked0 = jnp.sum(cut(x, start, block) == mask_id, axis=-1)
+    zeros = jnp.zeros((batch,), jnp.int32)
     # First step: a full forward (keeping every layer's keys/values for the cached modes).
     if cfg.approx_cache == "none":
       logits, cache = full(x, None), None
@@ -281,58 +285,57 @@ def sample(model, params, key, tokens_BxL, example_ids_B, cfg: SamplerConfig, *,
       logits, variables = apply(x, approx_cache="store", mutable=["approx_cache"])
       logits, cache = logits.astype(jnp.float32), variables["approx_cache"]
     if dream_block:  # Fast-dLLM's Dream: the block's first forward commits its first position only
-      tokens, _ = dream_tokens(keys_B, logits[:, start:start + 1], cfg, step0, "max_prob")
+      tokens, _ = dream_tokens(keys_B, cut(logits, start, 1), cfg, step0, "max_prob")
       was_masked = x[:, start] == mask_id
       x = x.at[:, start].set(jnp.where(was_masked, tokens[:, 0], x[:, start]))
-      had, left = was_masked, jnp.zeros((batch,), jnp.int32)
+      had, left = was_masked, zeros
     else:
-      x, had, left = commit_step(x, logits[:, start:end], start, step0, masked0, 0, jnp.zeros((batch,), jnp.int32))
+      x, had, left = commit_step(x, cut(logits, start, block), start, step0, masked0, 0, zeros)
     used, calls = used + had.astype(jnp.int32), calls + 1
     traj, frame = record(traj, frame, x), frame + 1
 
     if cfg.approx_cache == "none":
-      def block_logits(x_, start=start, end=end):
-        return full(x_, None)[:, start:end]
+      def block_logits(x_):
+        return cut(full(x_, None), start, block)
     else:
-      chunk_end = length if cfg.approx_cache == "prefix" else end
-      positions = jnp.arange(start, chunk_end)
+      chunk = length - start if cfg.approx_cache == "prefix" else block  # prefix: [block .. end]
 
-      def block_logits(x_, start=start, chunk_end=chunk_end, positions=positions, cache=cache):
-        out = apply(x_[:, start:chunk_end], variables={"approx_cache": cache}, positions_L=positions,
+      def block_logits(x_):
+        out = apply(cut(x_, start, chunk), variables={"approx_cache": cache}, positions_L=start + jnp.arange(chunk),
                     approx_cache="reuse")
         return out[:, :block].astype(jnp.float32)
 
-    def cond(carry, start=start, end=end):
+    def cond(carry):
       x_, i, *_ = carry
       if cfg.name == "llada" or cfg.name == "dream":
         return i < steps_pb
+      left_any = jnp.any(cut(x_, start, block) == mask_id)
       if dream_threshold:  # runs past its steps until nothing is masked (each step commits at least one)
-        return jnp.any(x_[:, start:end] == mask_id) & (i < block + steps_pb + 1)
-      left = jnp.any(x_[:, start:end] == mask_id)
+        return left_any & (i < block + steps_pb + 1)
       if dream_block and not cfg.threshold_decoding:
-        return left & (i < steps_pb)
-      return left & (i < block + 1)
+        return left_any & (i < steps_pb)
+      return left_any & (i < block + 1)
 
-    def body(carry, start=start, step0=step0, masked0=masked0, block_logits=block_logits):
+    def body(carry):
       x_, i, used_, calls_, traj_, frame_, left_ = carry
       x_, had_, left_ = commit_step(x_, block_logits(x_), start, step0 + i, masked0, i, left_)
       return x_, i + 1, used_ + had_.astype(jnp.int32), calls_ + 1, record(traj_, frame_, x_), frame_ + 1, left_
 
-    x, _, used, calls, traj, frame, _ = jax.lax.while_loop(
-        cond, body, (x, jnp.int32(1), used, calls, traj, frame, left))
+    x, _, used, calls, traj, frame, _ = jax.lax.while_loop(cond, body, (x, jnp.int32(1), used, calls, traj, frame,
+                                                                         left))
+    return x, used, calls, traj, frame
+
+  state = (tokens_BxL, jnp.zeros((batch,), jnp.int32), jnp.int32(0), traj, jnp.int32(0))
+  if cfg.approx_cache == "prefix":  # the chunk [block .. end] shrinks block by block: one program per block
+    for b in range(num_blocks):
+      state = one_block(b, state)
+  else:  # one compiled block, looped (compile time independent of the number of blocks)
+    state = jax.lax.fori_loop(0, num_blocks, one_block, state)
+  x, used, calls, traj, frame = state
   if return_trajectory:
     traj = jnp.where((jnp.arange(traj.shape[0]) < frame)[:, None, None], traj, x[None])
   return SampleOutput(x, traj, used, calls, jnp.full((batch,), length, jnp.int32))
 
 
-def default_for(family: str) -> dict:
-  """The sampler settings an imported model of this family samples with by default (its authors')."""
-  if family == "llada":
-    return {"sampler": "llada", "confidence": "max_prob", "temperature": 0.0, "block_length": 32}
-  if family == "dream":
-    return {"sampler": "dream", "confidence": "entropy", "temperature": 0.0, "block_length": 0}
-  return {}
-
-
-__all__ = ["DECODERS", "check", "default_for", "dream_count", "dream_filter", "factor_counts", "llada_counts",
+__all__ = ["DECODERS", "check", "dream_count", "dream_filter", "factor_counts", "llada_counts",
            "sample", "torch_linspace_f32"]
