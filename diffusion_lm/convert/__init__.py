@@ -14,7 +14,7 @@ shapes (told apart by config.json, in FAMILIES' order) over the shared reader/wr
   dream       Dream (diffusion)                          bert    BertForMaskedLM (diffusion)
   roberta     RobertaForMaskedLM (diffusion)             modernbert  ModernBertForMaskedLM (diffusion)
 
-A family module has NAME, matches(hf_config), settings(folder, hf_config) -> (ModelConfig fields,
+A family module has NAME, optionally DATA (config.data fields of its workdirs), matches(hf_config), settings(folder, hf_config) -> (ModelConfig fields,
 objective, {"eos_id", "mask_id"}) and params_from(tensors, ModelConfig); a family that exports also has
 writes(ModelConfig), tensors_of(params, ModelConfig) and export_config(ModelConfig, tokenizer).
 
@@ -76,7 +76,7 @@ def import_hf(folder: str, workdir: str, max_len: int = 0, seq_len: int = 128) -
     tensors.pop("lm_head.weight", None)
   params = family.params_from(tensors, cfg)
   tokenizer = io.hf_tokenizer(folder, cfg.vocab_size, ids["eos_id"], ids["mask_id"])
-  io.write_workdir(workdir, fields, objective, tokenizer, params, seq_len)
+  io.write_workdir(workdir, fields, objective, tokenizer, params, seq_len, getattr(family, "DATA", None))
   name = family.NAME if SECTION not in hf else f"diffusion_lm export ({family.NAME} layout)"
   return {"family": name, "objective": objective, "parameters": experiment.param_count(params),
           "vocab_size": cfg.vocab_size, "mask_id": tokenizer.mask_id, "eos_id": tokenizer.eos_id}

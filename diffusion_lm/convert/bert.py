@@ -16,6 +16,8 @@ from diffusion_lm.errors import UserError
 from diffusion_lm.model import ModelConfig
 
 NAME = "bert"
+# The workdir's data: windows framed as the encoder reads text, [CLS] ... [SEP] (<s> ... </s>).
+DATA = {"frame_windows": True, "frame_open": "bos"}
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 

@@ -18,6 +18,8 @@ from diffusion_lm.errors import UserError
 from diffusion_lm.model import ModelConfig
 
 NAME = "modernbert"
+# The workdir's data: windows framed as the encoder reads text, [CLS] ... [SEP] (<s> ... </s>).
+DATA = {"frame_windows": True, "frame_open": "bos"}
 
 
 def matches(hf: dict) -> bool:

@@ -7,6 +7,7 @@ from diffusion_lm.convert import bert
 from diffusion_lm.model import ModelConfig
 
 NAME = "roberta"
+DATA = bert.DATA
 NAMES = bert.Names(body="roberta.", transform="lm_head.dense", transform_norm="lm_head.layer_norm",
                    bias="lm_head.bias", decoder="lm_head.decoder.weight", architecture="RobertaForMaskedLM",
                    model_type="roberta")
