@@ -141,14 +141,17 @@ def test_export_import_round_trip_is_identity(imported, tmp_path, family):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back.params, trained.params)
 
 
-def test_sliding_window_through_every_attention_path(imported):
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_every_attention_path_of_an_encoder(imported, family):
   """The samplers' cheaper forwards (a few positions' outputs, the kept trunk, the approximate caches) apply
-  ModernBERT's window and per-layer rotary bases as the full forward does. The fixture's last block is
-  global; with global_every=3 (same parameters) the last block, the one outputs_at cuts, is a local one."""
-  _, trained = imported["modernbert"]
-  model = Transformer(dataclasses.replace(trained.model.config, global_every=3))
+  BERT's post-norm blocks, learned positions and type embedding, and ModernBERT's window and per-layer rotary
+  bases, as the full forward does. ModernBERT's last block is global; with global_every=3 (same parameters)
+  the last block, the one outputs_at cuts, is a local one."""
+  _, trained = imported[family]
+  model = Transformer(dataclasses.replace(trained.model.config, global_every=3)) if family == "modernbert" else (
+      trained.model)
   params = trained.params
-  tokens, _ = _reference("modernbert")
+  tokens, _ = _reference(family)
   full = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
   at = jnp.asarray([[0, 5, 11], [3, 4, 9]])
   trunk = model.apply({"params": params}, jnp.asarray(tokens), return_trunk=True)
@@ -163,11 +166,10 @@ def test_sliding_window_through_every_attention_path(imported):
   np.testing.assert_allclose(np.asarray(chunk), full[:, 4:8], atol=1e-5)  # nothing changed: exact
 
 
-@pytest.mark.parametrize("family", ["bert", "modernbert"])
-def test_every_bidirectional_sampler_on_an_imported_encoder(imported, family):
+def test_every_bidirectional_sampler_on_an_imported_encoder(imported):
   """Each sampler fills every hole with a data token and keeps the given ones; the approximate caches with
   one step per block are exactly the uncached blocks sampler (the same forward at every step)."""
-  _, run = imported[family]
+  _, run = imported["modernbert"]
   length, batch = 16, 2
   outputs = {}
   for name, extra in (("ancestral", {}), ("confidence", {}), ("blocks", dict(block_length=4)),
