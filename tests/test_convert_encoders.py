@@ -168,7 +168,8 @@ def test_every_attention_path_of_an_encoder(imported, family):
 
 def test_every_bidirectional_sampler_on_an_imported_encoder(imported):
   """Each sampler fills every hole with a data token and keeps the given ones; the approximate caches with
-  one step per block are exactly the uncached blocks sampler (the same forward at every step)."""
+  one step per block are exactly the uncached blocks sampler (the same forward at every step); greedy
+  confidence decoding with one commit per step is the step-by-step reference computed here."""
   _, run = imported["modernbert"]
   length, batch = 16, 2
   outputs = {}
@@ -184,6 +185,20 @@ def test_every_bidirectional_sampler_on_an_imported_encoder(imported):
     assert out.shape == template.shape and (out != MASK_ID).all() and (out < 64).all()
     np.testing.assert_array_equal(out[given], template[given])
     outputs[(name, extra.get("approx_cache", "none"))] = out
+  # Reference: one full forward per step; commit the hole whose most likely token is the most probable.
+  template = template[:1]
+  holes = int((template == MASK_ID).sum())
+  x = template[0].copy()
+  for _ in range(holes):
+    logits = _logits(run, x[None])[0]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    confidence = np.where(x == MASK_ID, probs.max(-1), -1.0)
+    position = int(np.argmax(confidence))
+    x[position] = int(np.argmax(probs[position]))
+  gen = Generator(run.model, run.schedule, run.tokenizer, run.mesh, run.param_shardings,
+                  sampler_config(run.config.sampling, name="confidence", temperature=0.0, steps=holes))
+  np.testing.assert_array_equal(gen(run.params, template, seed=0).tokens[0], x)
   np.testing.assert_array_equal(outputs[("blocks", "prefix")], outputs[("blocks", "none")])
   np.testing.assert_array_equal(outputs[("blocks", "dual")], outputs[("blocks", "none")])
 
