@@ -17,6 +17,9 @@ def get_config(arg=None):
   # Fine-tuning: a workdir (trained here, or converted with diffusion_lm.convert) whose EMA parameters and
   # tokenizer a new workdir starts from; config.model must be the source's (configs/sft.py copies it).
   config.init_from = ""
+  # True: training takes config.model and config.tokenizer from init_from's config.json (whatever network it
+  # holds), so that --config.init_from=WORKDIR alone names the source (configs/encoder_diffusion.py)
+  config.model_from_init = False
 
   config.data = data = ml_collections.ConfigDict()
   # bundled (Shakespeare shipped in the package) | local (data.path) | tfds | hf (Hugging Face datasets:
@@ -34,6 +37,7 @@ def get_config(arg=None):
   # each window = end-of-document id + seq_len - 2 tokens + end-of-document id (MDLM / BD3-LM wrapped data);
   # False: seq_len tokens of the stream
   data.frame_windows = False
+  data.frame_open = ""  # framed windows open with: "" the end-of-document id, "bos" [CLS] / <s> (BERT-style)
   data.train_split = "train"  # split to train on (and to train the tokenizer on)
   data.eval_split = "validation"  # split for the validation ELBO
   data.validation_percent = 5.0  # local text: share of passages held out for validation

@@ -586,7 +586,8 @@ class Windows:
   `token_chars` (int[V], from `token_char_counts`) gives each window's character count, which
   bits per character needs; windows without it serve training only.
   `frame_id` (data.frame_windows): each window is frame_id, then seq_len - 2 tokens of the stream, then
-  frame_id again, as the wrapped data of MDLM and BD3-LM are; the two frame tokens encode no text.
+  frame_id again, as the wrapped data of MDLM and BD3-LM are; the two frame tokens encode no text. A pair
+  (open, close) frames as BERT-style encoders read text: [CLS] ... [SEP] (data.frame_open = "bos").
   """
 
   def __init__(self, tokens: np.ndarray, seq_len: int, split_name: str = "train",
@@ -601,6 +602,8 @@ class Windows:
     self.seq_len = seq_len
     self.token_chars = token_chars
     self.frame_id = frame_id
+    self.frame_ids = None if frame_id is None else tuple(frame_id) if isinstance(frame_id, (tuple, list)) else (
+        frame_id, frame_id)
 
   def __len__(self):
     return len(self.tokens) // self.stride
@@ -608,9 +611,9 @@ class Windows:
   def rows(self, indices) -> np.ndarray:
     starts = np.asarray(indices, dtype=np.int64) * self.stride
     rows = np.stack([np.asarray(self.tokens[s:s + self.stride], dtype=np.int32) for s in starts])
-    if self.frame_id is not None:
-      frame = np.full((len(rows), 1), self.frame_id, dtype=np.int32)
-      rows = np.concatenate([frame, rows, frame], axis=1)
+    if self.frame_ids is not None:
+      opening, closing = (np.full((len(rows), 1), i, dtype=np.int32) for i in self.frame_ids)
+      rows = np.concatenate([opening, rows, closing], axis=1)
     return rows
 
   def row_chars(self, rows_NxL: np.ndarray) -> np.ndarray:

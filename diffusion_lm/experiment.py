@@ -29,6 +29,24 @@ from diffusion_lm.schedules import Schedule
 # ----------------------------------------------------------------------------- config checks
 
 
+def adopt_init_model(config) -> None:
+  """With config.model_from_init, config.model and config.tokenizer become init_from's (in place; the
+  runtime fields asked for are kept)."""
+  if not config.get("model_from_init", False):
+    return
+  source = config.get("init_from", "")
+  if not source:
+    raise UserError("model_from_init=True without init_from; allowed: --config.init_from=WORKDIR (a trained or "
+                    "converted workdir, e.g. python -m diffusion_lm.convert --from_hf=FOLDER --workdir=WORKDIR)")
+  path = paths.join(source, "config.json")
+  if not paths.exists(path):
+    raise UserError(f"init_from={source!r} holds no config.json; allowed: a trained or converted workdir")
+  saved = json.loads(paths.read_bytes(path))
+  runtime = {k: config.model[k] for k in RUNTIME_FIELDS if k in config.model}
+  config.model = ml_collections.ConfigDict({**saved["model"], **runtime})
+  config.tokenizer = ml_collections.ConfigDict(saved["tokenizer"])
+
+
 def check_config(config) -> None:
   """Validates the fields that are easy to get wrong, each with a one-line error."""
   objective = objectives.get(config.objective)
@@ -138,6 +156,18 @@ def _train_tokenizer(config, workdir: str):
   return tokenizer
 
 
+def frame_ids(config, tokenizer) -> tuple[int, int]:
+  """(opening, closing) ids of a framed window (data.frame_windows): end-of-document twice, or with
+  data.frame_open = "bos" the tokenizer's [CLS] / <s> first (BERT-style encoders)."""
+  opening = config.data.get("frame_open", "")
+  if opening not in ("", "bos"):
+    raise UserError(f"data.frame_open={opening!r}; allowed: '' (end-of-document) or 'bos' ([CLS] / <s>)")
+  if opening and getattr(tokenizer, "bos_id", None) is None:
+    raise UserError("data.frame_open='bos' with a tokenizer that has none of [CLS], <s>, <bos>; allowed: '' or "
+                    "an hf tokenizer with one of them")
+  return (tokenizer.bos_id if opening else tokenizer.eos_id, tokenizer.eos_id)
+
+
 def load_windows(config, workdir: str, tokenizer, split: str):
   """(Windows with per-token character counts, TokenizedSplit) of a split, tokenized once and cached.
 
@@ -148,7 +178,7 @@ def load_windows(config, workdir: str, tokenizer, split: str):
   tokenized = data.tokenize_split(text_split, tokenizer, paths.join(data_dir(config, workdir), "tokens"),
                                   processes=config.data.get("tokenize_processes", 0))
   windows = data.Windows(tokenized.tokens, config.data.seq_len, split, data.token_char_counts(tokenizer),
-                         frame_id=tokenizer.eos_id if config.data.get("frame_windows", False) else None)
+                         frame_id=frame_ids(config, tokenizer) if config.data.get("frame_windows", False) else None)
   return windows, tokenized
 
 

@@ -17,8 +17,10 @@ import jax.numpy as jnp
 from diffusion_lm.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-NORMS = ("rmsnorm", "layernorm")
-MLPS = ("swiglu", "gelu", "gelu_tanh")
+NORMS = ("rmsnorm", "layernorm", "layernorm_nobias")
+NORM_POSITIONS = ("pre", "post")
+MLPS = ("swiglu", "gelu", "gelu_tanh", "geglu")
+GATED_MLPS = {"swiglu": nn.silu, "geglu": functools.partial(nn.gelu, approximate=False)}
 POSITIONS = ("rope", "learned")
 ROPE_SCALINGS = ("", "linear", "llama3")
 # Logit of an in-vocabulary [MASK] (model.mask_token_id): finite, so that p log p stays 0, not NaN.
@@ -53,15 +55,29 @@ class ModelConfig:
   # CPUs: multiply by the q/k/v and gate/up kernels side by side in one matmul; None: by the token count
   # (_fuse_kernels); a training microbatch sets True (its backward pass is the faster fused)
   fuse_kernels: bool | None = None
-  # Families imported from Hugging Face checkpoints (diffusion_lm/convert.py): LLaMA / LLaDA, Qwen2 / Dream,
-  # GPT-2. The defaults are this project's own network, parameter tree included.
+  # Families imported from Hugging Face checkpoints (diffusion_lm/convert/): LLaMA / LLaDA, Qwen2 / Dream,
+  # GPT-2, BERT / RoBERTa, ModernBERT. The defaults are this project's own network, parameter tree included.
   num_kv_heads: int = 0  # key/value heads, grouped-query attention (divides num_heads); 0 = num_heads
   qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2, GPT-2)
   linear_bias: bool = False  # biases on the attention output and the MLP projections (GPT-2; GELU MLPs only)
-  norm: str = "rmsnorm"  # rmsnorm | layernorm (with a bias)
+  norm: str = "rmsnorm"  # rmsnorm | layernorm (with a bias) | layernorm_nobias (ModernBERT)
   norm_eps: float = 1e-6  # added to the variance inside every norm
-  mlp: str = "swiglu"  # swiglu | gelu | gelu_tanh (GELU MLPs: wi then wo)
-  position: str = "rope"  # rope | learned (an added table of max_len positions, GPT-2)
+  # pre: x + f(norm(x)), a final norm before the head; post (BERT): norm(x + f(x)), no final norm
+  norm_position: str = "pre"
+  mlp: str = "swiglu"  # swiglu | geglu (ModernBERT: gelu(h wi_gate) * h wi_up) | gelu | gelu_tanh (wi then wo)
+  position: str = "rope"  # rope | learned (an added table of max_len positions, GPT-2, BERT)
+  position_offset: int = 0  # learned: position i reads table row i + offset (RoBERTa: padding_idx + 1)
+  token_types: int = 0  # rows of a token-type table whose row 0 is added to every position (BERT); 0 = none
+  embed_norm: bool = False  # a norm on the summed embeddings (BERT, ModernBERT)
+  first_attn_norm: bool = True  # False: block 0's attention reads its input as it is (ModernBERT)
+  # Alternating attention (ModernBERT): with local_window > 0, block i is global when i % global_every == 0,
+  # else it sees keys at most local_window // 2 positions away, rotated with local_rope_base (0 = rope_base).
+  local_window: int = 0
+  global_every: int = 1
+  local_rope_base: float = 0.0
+  # The masked-LM head (BERT, ModernBERT): dense (bias = linear_bias), GELU and a norm before the output head,
+  head_transform: bool = False
+  head_bias: bool = False  # and a bias on the output logits
   rope_scaling: str = ""  # "" | linear | llama3: rotary frequencies stretched for long contexts
   rope_scaling_factor: float = 1.0  # linear, llama3: how much longer the contexts are
   rope_low_freq_factor: float = 1.0  # llama3
@@ -91,11 +107,29 @@ class ModelConfig:
         self.num_kv_heads and self.num_heads % self.num_kv_heads):
       raise UserError(f"model.num_kv_heads={self.num_kv_heads!r} with num_heads={self.num_heads}; allowed: 0 "
                       "(= num_heads) or a divisor of num_heads")
-    for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS), ("rope_scaling", ROPE_SCALINGS)):
+    for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS), ("rope_scaling", ROPE_SCALINGS),
+                          ("norm_position", NORM_POSITIONS)):
       if getattr(self, name) not in allowed:
         raise UserError(f"model.{name}={getattr(self, name)!r}; allowed: {', '.join(repr(a) for a in allowed)}")
-    if self.linear_bias and self.mlp == "swiglu":
-      raise UserError("model.linear_bias=True with mlp='swiglu'; allowed: linear_bias with a GELU MLP (GPT-2)")
+    if self.linear_bias and self.mlp in GATED_MLPS:
+      raise UserError(f"model.linear_bias=True with mlp={self.mlp!r}; allowed: linear_bias with a GELU MLP "
+                      "(GPT-2, BERT)")
+    if self.norm_position == "post" and self.time_conditioning:
+      raise UserError("model.norm_position='post' with time_conditioning=True; allowed: time conditioning of "
+                      "pre-norm blocks only")
+    if not isinstance(self.position_offset, int) or self.position_offset < 0 or (
+        self.position_offset and self.position != "learned"):
+      raise UserError(f"model.position_offset={self.position_offset!r} with position={self.position!r}; allowed: "
+                      "an integer >= 0, non-zero only with learned positions")
+    if not isinstance(self.token_types, int) or self.token_types < 0:
+      raise UserError(f"model.token_types={self.token_types!r}; allowed: an integer >= 0")
+    if not isinstance(self.local_window, int) or self.local_window < 0 or not isinstance(
+        self.global_every, int) or self.global_every < 1:
+      raise UserError(f"model.local_window={self.local_window!r}, global_every={self.global_every!r}; allowed: "
+                      "local_window >= 0 and global_every >= 1")
+    if self.local_window and (self.causal or self.block_size):
+      raise UserError("model.local_window with causal or block attention; allowed: sliding-window layers in "
+                      "bidirectional models only")
     if not -1 <= self.mask_token_id < self.vocab_size:
       raise UserError(f"model.mask_token_id={self.mask_token_id!r}; allowed: -1 ([MASK] = vocab_size) or an id "
                       f"below vocab_size={self.vocab_size}")
@@ -124,7 +158,7 @@ class ModelConfig:
     lookup (no FLOPs), and the per-sequence time conditioning is left out (not per token).
     """
     attention_params = 2 * self.d_model**2 + 2 * self.d_model * self.kv_heads * self.head_dim
-    mlp_params = (3 if self.mlp == "swiglu" else 2) * self.d_model * self.mlp_dim
+    mlp_params = (3 if self.mlp in GATED_MLPS else 2) * self.d_model * self.mlp_dim
     n = self.num_layers * (attention_params + mlp_params) + self.d_model * self.vocab_size
     attention = 2 * 2 * self.num_layers * seq_len * self.d_model
     return (3 if training else 1) * (2 * n + attention)
@@ -134,6 +168,10 @@ class ModelConfig:
     """Rows of the embedding/head tables: vocab_size + 1 ([MASK]) rounded up to a multiple of 128,
     so that the vocabulary axis shards over any tensor-parallel size up to 128."""
     return -(-(self.vocab_size + 1) // 128) * 128
+
+  def is_local(self, layer: int) -> bool:
+    """Whether block `layer` attends within the sliding window (model.local_window)."""
+    return bool(self.local_window) and layer % self.global_every != 0
 
 
 def _dense_init(names):
@@ -154,32 +192,38 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm with a scale and a bias, computed in float32 (GPT-2's)."""
+  """LayerNorm with a scale and (use_bias) a bias, computed in float32 (GPT-2's, BERT's; ModernBERT's
+  has no bias)."""
 
   dtype: jnp.dtype = jnp.float32
   eps: float = 1e-5
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x_BxLxD):
     dim = x_BxLxD.shape[-1]
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (dim,))
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (dim,))
     x = x_BxLxD.astype(jnp.float32)
     x = x - jnp.mean(x, axis=-1, keepdims=True)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * scale + bias).astype(self.dtype)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * scale
+    if self.use_bias:
+      x = x + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (dim,))
+    return x.astype(self.dtype)
 
 
 def make_norm(cfg: "ModelConfig", name: str):
   """The configured norm (model.norm, model.norm_eps) under `name`."""
-  return (RMSNorm if cfg.norm == "rmsnorm" else LayerNorm)(DTYPES[cfg.dtype], cfg.norm_eps, name=name)
+  if cfg.norm == "rmsnorm":
+    return RMSNorm(DTYPES[cfg.dtype], cfg.norm_eps, name=name)
+  return LayerNorm(DTYPES[cfg.dtype], cfg.norm_eps, cfg.norm == "layernorm", name=name)
 
 
-def rope_inv_freq(cfg: "ModelConfig"):
-  """float32[head_dim / 2] rotary frequencies, stretched by model.rope_scaling (linear: all divided by
-  the factor; llama3: long wavelengths divided, short ones kept, a smooth blend between)."""
+def rope_inv_freq(cfg: "ModelConfig", base: float | None = None):
+  """float32[head_dim / 2] rotary frequencies of `base` (default model.rope_base), stretched by
+  model.rope_scaling (linear: all divided by the factor; llama3: long wavelengths divided, short ones
+  kept, a smooth blend between)."""
   dim = cfg.head_dim
-  inv_freq = 1.0 / cfg.rope_base**(jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+  inv_freq = 1.0 / (base or cfg.rope_base)**(jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
   if cfg.rope_scaling == "linear":
     return inv_freq / cfg.rope_scaling_factor
   if cfg.rope_scaling == "llama3":
@@ -192,17 +236,25 @@ def rope_inv_freq(cfg: "ModelConfig"):
   return inv_freq
 
 
-def position_tables(cfg: "ModelConfig", positions_L):
-  """The (cos_LxD, sin_LxD) tables the blocks rotate queries and keys by: rotary ones, or for learned
-  positions the identity (cos 1, sin 0), so that every attention path serves both."""
+def position_tables(cfg: "ModelConfig", positions_L, local: bool = False):
+  """The (cos_LxD, sin_LxD) tables the blocks rotate queries and keys by: rotary ones (local: those of
+  the sliding-window layers' base, model.local_rope_base), or for learned positions the identity
+  (cos 1, sin 0), so that every attention path serves both."""
   if cfg.position == "learned":
     ones = jnp.ones((positions_L.shape[0], cfg.head_dim), jnp.float32)
     return ones, jnp.zeros_like(ones)
+  base = (cfg.local_rope_base or cfg.rope_base) if local else cfg.rope_base
   if not cfg.rope_scaling:
-    return rope_tables(positions_L, cfg.head_dim, cfg.rope_base)
-  angles_LxD2 = positions_L.astype(jnp.float32)[:, None] * rope_inv_freq(cfg)[None, :]
+    return rope_tables(positions_L, cfg.head_dim, base)
+  angles_LxD2 = positions_L.astype(jnp.float32)[:, None] * rope_inv_freq(cfg, base)[None, :]
   cos, sin = jnp.cos(angles_LxD2), jnp.sin(angles_LxD2)
   return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([-sin, sin], axis=-1)
+
+
+def window_mask(cfg: "ModelConfig", query_positions, key_positions_S):
+  """bool[..., Q, S]: True where a sliding-window layer's query may attend to a key (|i - j| at most
+  local_window // 2, ModernBERT's band); query_positions is [Q] or [B, Q]."""
+  return jnp.abs(query_positions[..., :, None] - key_positions_S) <= cfg.local_window // 2
 
 
 def rope_tables(positions_L, head_dim: int, base: float):
@@ -269,6 +321,8 @@ class Kernel(nn.Module):
 
 class Block(nn.Module):
   config: ModelConfig
+  local: bool = False  # a sliding-window layer (ModelConfig.is_local); rope then holds its own base's tables
+  normed_attention: bool = True  # False: the attention reads x un-normed (ModernBERT's first block)
 
   @nn.compact
   def __call__(self, x_BxLxD, cond_BxD, decode: bool = False, commit: bool = True, positions_L=None,
@@ -290,13 +344,18 @@ class Block(nn.Module):
     else:
       shift1 = scale1 = gate1 = shift2 = scale2 = gate2 = 0.0
 
-    h = make_norm(cfg, "attn_norm")(x_BxLxD) * (1 + scale1) + shift1
+    post = cfg.norm_position == "post"
+    if post or not self.normed_attention:
+      h = x_BxLxD
+    else:
+      h = make_norm(cfg, "attn_norm")(x_BxLxD) * (1 + scale1) + shift1
     w_qkv, b_qkv = self._qkv_params(dtype)
     fuse = cfg.fuse_kernels if cfg.fuse_kernels is not None else _fuse_kernels(x_BxLxD.shape[0] * x_BxLxD.shape[1],
                                                                                cfg.d_model)
     if query_at_BxQ is not None:
       rows = lambda a: jnp.take_along_axis(a, query_at_BxQ[:, :, None], axis=1)
-      attn = self._attention_at(h, rows(h), w_qkv, b_qkv, rope, query_at_BxQ, fuse)
+      window = window_mask(cfg, query_at_BxQ, jnp.arange(h.shape[1]))[:, None] if self.local else None
+      attn = self._attention_at(h, rows(h), w_qkv, b_qkv, rope, query_at_BxQ, fuse, window)
       x_BxLxD = rows(x_BxLxD)
     elif decode:
       attn = self._cached_attention(_project_qkv(h, w_qkv, fuse, b_qkv), commit)
@@ -306,7 +365,10 @@ class Block(nn.Module):
       if positions_L is None:
         positions_L = jnp.arange(x_BxLxD.shape[1])
       if rope is None:
-        rope = position_tables(cfg, positions_L)
+        rope = position_tables(cfg, positions_L, self.local)
+      if self.local:
+        window = window_mask(cfg, positions_L, positions_L)
+        mask_QxK = window if mask_QxK is None else mask_QxK & window
       einsum_path = functools.partial(_attention_einsum, rope=rope, mask_QxK=mask_QxK, causal=cfg.causal, fuse=fuse)
       jax_path = functools.partial(_attention_jax, rope=rope, mask_QxK=mask_QxK, causal=cfg.causal,
                                    implementation=None if cfg.attention_impl == "auto" else cfg.attention_impl)
@@ -322,16 +384,19 @@ class Block(nn.Module):
       attn = attn + self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
                                (cfg.d_model,)).astype(dtype)
     x_BxLxD = x_BxLxD + attn * (1 + gate1)
+    if post:
+      x_BxLxD = make_norm(cfg, "attn_norm")(x_BxLxD)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
 
-    h = make_norm(cfg, "mlp_norm")(x_BxLxD) * (1 + scale2) + shift2
-    if cfg.mlp == "swiglu":
+    h = x_BxLxD if post else make_norm(cfg, "mlp_norm")(x_BxLxD) * (1 + scale2) + shift2
+    if cfg.mlp in GATED_MLPS:
       w_in = [Kernel((cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), name=name)().astype(dtype)
               for name in ("wi_gate", "wi_up")]
       # Gate and up projections in one matmul where that is the faster (CPUs, many tokens); XLA:TPU fuses
       # the separate ones into fewer HBM bytes.
-      h = jax.lax.platform_dependent(h, *w_in, cpu=functools.partial(_gated_mlp_in, fuse=fuse),
-                                     default=functools.partial(_gated_mlp_in, fuse=False))
+      act = GATED_MLPS[cfg.mlp]
+      h = jax.lax.platform_dependent(h, *w_in, cpu=functools.partial(_gated_mlp_in, fuse=fuse, activation=act),
+                                     default=functools.partial(_gated_mlp_in, fuse=False, activation=act))
     else:
       h = nn.Dense(cfg.mlp_dim, dtype=dtype, use_bias=cfg.linear_bias, name="wi",
                    kernel_init=_dense_init(("embed", "mlp")),
@@ -342,6 +407,8 @@ class Block(nn.Module):
                  kernel_init=_dense_init(("mlp", "embed")),
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h)
     x_BxLxD = x_BxLxD + h * (1 + gate2)
+    if post:
+      x_BxLxD = make_norm(cfg, "mlp_norm")(x_BxLxD)
     return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
 
   def _qkv_params(self, dtype):
@@ -365,9 +432,9 @@ class Block(nn.Module):
              for name in heads]
     return w_qkv, b_qkv
 
-  def _attention_at(self, h_BxLxD, h_BxQxD, w_qkv, b_qkv, rope, query_at_BxQ, fuse: bool):
+  def _attention_at(self, h_BxLxD, h_BxQxD, w_qkv, b_qkv, rope, query_at_BxQ, fuse: bool, mask_Bx1xQxL=None):
     """Bidirectional attention of the queries at query_at_BxQ (their normed rows h_BxQxD) over the keys and
-    values of every position; [B, Q, H, D]."""
+    values of every position (those mask_Bx1xQxL allows, if given); [B, Q, H, D]."""
     cfg = self.config
     kv = _project_qkv(h_BxLxD, w_qkv[1:], fuse, b_qkv[1:])
     q = _project_qkv(h_BxQxD, w_qkv[:1], False, b_qkv[:1])[:, :, 0]
@@ -375,13 +442,13 @@ class Block(nn.Module):
     k = apply_rope(kv[:, :, 0], cos_LxD[:, None, :], sin_LxD[:, None, :])
     scale = cfg.head_dim**-0.5
     q = apply_rope(q, cos_LxD[query_at_BxQ][:, :, None, :] * scale, sin_LxD[query_at_BxQ][:, :, None, :] * scale)
-    return self._attend(q, k, kv[:, :, 1], None)
+    return self._attend(q, k, kv[:, :, 1], mask_Bx1xQxL)
 
   def _attend(self, q_BxQxHxD, k_BxSxHxD, v_BxSxHxD, mask_QxS):
     """Attention of scaled queries by the configured implementation (auto: dot_attention); [B, Q, H, D]."""
     impl = self.config.attention_impl
     if impl in ("xla", "cudnn"):
-      mask = None if mask_QxS is None else mask_QxS[None, None]
+      mask = None if mask_QxS is None else mask_QxS if mask_QxS.ndim == 4 else mask_QxS[None, None]
       return jax.nn.dot_product_attention(q_BxQxHxD, k_BxSxHxD, v_BxSxHxD, mask=mask, scale=1.0, implementation=impl)
     return dot_attention(q_BxQxHxD, k_BxSxHxD, v_BxSxHxD, mask_QxS)
 
@@ -400,11 +467,13 @@ class Block(nn.Module):
     if mode == "store":
       self.put_variable("approx_cache", "key", k)
       self.put_variable("approx_cache", "value", v)
-      return self._attend(q, k, v, None)
-    start = positions_C[0]
-    keys = jax.lax.dynamic_update_slice_in_dim(self.get_variable("approx_cache", "key"), k, start, axis=1)
-    values = jax.lax.dynamic_update_slice_in_dim(self.get_variable("approx_cache", "value"), v, start, axis=1)
-    return self._attend(q, keys, values, None)
+      keys, values, positions_C = k, v, jnp.arange(k.shape[1])
+    else:
+      start = positions_C[0]
+      keys = jax.lax.dynamic_update_slice_in_dim(self.get_variable("approx_cache", "key"), k, start, axis=1)
+      values = jax.lax.dynamic_update_slice_in_dim(self.get_variable("approx_cache", "value"), v, start, axis=1)
+    window = window_mask(cfg, positions_C, jnp.arange(keys.shape[1])) if self.local else None
+    return self._attend(q, keys, values, window)
 
   def _cached_attention(self, qkv_BxLx3xHxD, commit):
     """Attention over a key/value cache ("cache" collection) plus the chunk of positions passed now.
@@ -498,13 +567,13 @@ def _rope_split(x_BxLxHxD, rope):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxLxHxD.dtype)
 
 
-def _gated_mlp_in(h_BxLxD, w_gate, w_up, *, fuse: bool):
-  """silu(h w_gate) * (h w_up): [B, L, M]; fuse: one matmul by the two kernels side by side."""
+def _gated_mlp_in(h_BxLxD, w_gate, w_up, *, fuse: bool, activation=nn.silu):
+  """activation(h w_gate) * (h w_up): [B, L, M]; fuse: one matmul by the two kernels side by side."""
   if fuse:
     gate, up = jnp.split(jnp.einsum("bld,dm->blm", h_BxLxD, jnp.concatenate([w_gate, w_up], axis=1)), 2, axis=-1)
   else:
     gate, up = (jnp.einsum("bld,dm->blm", h_BxLxD, w) for w in (w_gate, w_up))
-  return nn.silu(gate) * up
+  return activation(gate) * up
 
 
 def _rotate_queries_and_keys(qkv_BxLx3xHxD, rope, head_dim: int):
@@ -577,6 +646,12 @@ class Transformer(nn.Module):
       x = embed(tokens_BxL)
       if cfg.position == "learned":
         x = x + self._learned_positions(tokens_BxL.shape[1], decode, commit, positions_L).astype(dtype)
+      if cfg.token_types:
+        types = self.param("type_embed", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
+                                                                       (None, "embed")), (cfg.token_types, cfg.d_model))
+        x = x + types[0].astype(dtype)  # every position is of type 0 (one segment)
+      if cfg.embed_norm:
+        x = make_norm(cfg, "embed_norm")(x)
     else:
       x = trunk.astype(dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -593,31 +668,46 @@ class Transformer(nn.Module):
       cond = nn.silu(cond)
 
     # Rotary tables once for every block (cached decoding derives its own from the cache index).
-    rope = None if decode else position_tables(cfg, jnp.arange(tokens_BxL.shape[1]) if positions_L is None
-                                               else positions_L)
-    block = nn.remat(Block, static_argnums=(3, 4, 8)) if cfg.remat else Block
+    table_positions = jnp.arange(tokens_BxL.shape[1]) if positions_L is None else positions_L
+    rope = None if decode else position_tables(cfg, table_positions)
+    local_rope = rope if decode or not cfg.local_window else position_tables(cfg, table_positions, local=True)
+    block_class = nn.remat(Block, static_argnums=(3, 4, 8)) if cfg.remat else Block
+    block = lambda i: block_class(cfg, local=cfg.is_local(i), normed_attention=cfg.first_attn_norm or i > 0,
+                                  name=f"block_{i}")
     last = cfg.num_layers - 1
     for i in range(last if trunk is None else 0):
-      x = block(cfg, name=f"block_{i}")(x, cond, decode, commit, positions_L, mask_QxK, rope, approx_cache)
+      x = block(i)(x, cond, decode, commit, positions_L, mask_QxK, local_rope if cfg.is_local(i) else rope,
+                   approx_cache)
     if return_trunk:
       return x
     # Shifted families (Dream) predict token i at position i - 1 (position 0 at itself).
     query_at = None if outputs_at is None else (
         jnp.maximum(outputs_at - 1, 0) if cfg.shift_logits else outputs_at).astype(jnp.int32)
-    x = block(cfg, name=f"block_{last}")(x, cond, decode, commit, positions_L, mask_QxK, rope, approx_cache, query_at)
-    x = make_norm(cfg, "final_norm")(x)
+    x = block(last)(x, cond, decode, commit, positions_L, mask_QxK, local_rope if cfg.is_local(last) else rope,
+                    approx_cache, query_at)
+    if cfg.norm_position == "pre":
+      x = make_norm(cfg, "final_norm")(x)
+    if cfg.head_transform:  # the masked-LM transform (BERT, ModernBERT)
+      x = nn.Dense(cfg.d_model, dtype=dtype, use_bias=cfg.linear_bias, name="head_transform",
+                   kernel_init=_dense_init(("embed", "mlp")),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
+      x = make_norm(cfg, "head_norm")(nn.gelu(x, approximate=cfg.mlp == "gelu_tanh"))
     if cfg.tie_embeddings:
       head = embed.embedding.T
     else:
       head = Kernel((cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), name="head")()
     # SUBS: no probability on [MASK] or padding rows. Unless an axis shards the vocabulary (whose padded
     # width divides it), their columns are not computed at all when slicing the kernel is the cheaper copy.
+    bias = self.param("head_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                      (cfg.padded_vocab,)) if cfg.head_bias else None
     if _vocab_unsharded() and x.shape[0] * x.shape[1] >= cfg.d_model:
-      logits = jnp.einsum("bld,dv->blv", x, head[:, :cfg.vocab_size].astype(dtype))
-      logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+      logits = jnp.einsum("bld,dv->blv", x, head[:, :cfg.vocab_size].astype(dtype)).astype(jnp.float32)
+      logits = logits if bias is None else logits + bias[:cfg.vocab_size]
+      logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     else:
-      logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype))
-      logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+      logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype)).astype(jnp.float32)
+      logits = logits if bias is None else logits + bias
+      logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
       logits = logits[..., :cfg.vocab_size]
     return self._family_outputs(logits, shift=outputs_at is None, keep_mask_logit=keep_mask_logit)
 
@@ -629,7 +719,8 @@ class Transformer(nn.Module):
     """
     cfg = self.config
     table = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
-                                                                  ("position", "embed")), (cfg.max_len, cfg.d_model))
+                                                                  ("position", "embed")),
+                       (cfg.max_len + cfg.position_offset, cfg.d_model))
     if decode:
       exists = self.has_variable("cache", "position_index")
       index = self.variable("cache", "position_index", lambda: jnp.zeros((), jnp.int32))
@@ -639,7 +730,7 @@ class Transformer(nn.Module):
         index.value = index.value + keep
     elif positions_L is None:
       positions_L = jnp.arange(length)
-    return jnp.take(table, jnp.minimum(positions_L, cfg.max_len - 1), axis=0)
+    return jnp.take(table, jnp.minimum(positions_L, cfg.max_len - 1) + cfg.position_offset, axis=0)
 
   def _family_outputs(self, logits_BxLxV, shift: bool = True, keep_mask_logit: bool = False):
     """Imported families' output conventions: an in-vocabulary [MASK] gets no probability (SUBS), and

@@ -53,6 +53,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   next run with the same config resumes and finishes exactly as an uninterrupted run would.
   """
   # ------------------------------------------------------------------ config, workdir, resume check
+  experiment.adopt_init_model(config)
   experiment.check_config(config)
   for where in (workdir, config.data.cache_dir):
     if where:

@@ -106,6 +106,15 @@ def test_framed_windows_as_mdlm_wraps_them():
     data.Windows(stream, 2, frame_id=7)
 
 
+def test_framed_windows_as_an_encoder_reads_text():
+  """data.frame_open='bos': [CLS] (here 5) opens each window, [SEP] (7) closes it."""
+  stream = np.arange(100, 150, dtype=np.int32)
+  windows = data.Windows(stream, 8, token_chars=np.arange(200) % 3 + 1, frame_id=(5, 7))
+  rows = windows.rows([1])
+  np.testing.assert_array_equal(rows[0], [5, 106, 107, 108, 109, 110, 111, 7])
+  np.testing.assert_array_equal(windows.row_chars(rows), [sum(i % 3 + 1 for i in range(106, 112))])
+
+
 def test_lm1b_setting_end_to_end_on_a_local_copy(tmp_path):
   """The pieces configs/lm1b.py combines: hf source, detokenizer, WordPiece with [CLS] as eos, framed windows."""
   from configs import lm1b

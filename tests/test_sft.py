@@ -50,6 +50,24 @@ def test_rows_hold_prompt_complement_response_and_eos_padding(tmp_path):
     data.read_prompt_response(str(bad))
 
 
+def test_encoder_rows_frame_the_prompt(tmp_path):
+  """data.frame_open='bos' (configs/encoder_sft.py): [CLS] prompt [SEP] clean, then response and [SEP]s."""
+  from diffusion_lm.tokenizers import HFTokenizer  # pylint: disable=g-import-not-at-top
+  fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf", "bert", "tokenizer.json")
+  with open(fixture, "rb") as f:
+    tok = HFTokenizer(f.read())
+  vocab = tok.tok.get_vocab()
+  cls, sep = vocab["[CLS]"], vocab["[SEP]"]
+  path = _write(tmp_path / "pairs.jsonl", [{"prompt": "the fox", "response": "a dog"}])
+  cfg = ml_collections.ConfigDict({"path": path, "seq_len": 12, "validation_percent": 1e-9, "frame_open": "bos"})
+  row = data.prompt_response_rows(cfg, "train", tok).rows([0])[0]
+  prompt, response = tok.encode("the fox"), tok.encode("a dog")
+  expected = [~i for i in [cls] + prompt + [sep]] + response
+  np.testing.assert_array_equal(row, expected + [sep] * (12 - len(expected)))
+  with pytest.raises(UserError, match="frame_open='bos' with a tokenizer"):
+    data.prompt_response_rows(cfg, "train", CharTokenizer(list("the foxadg")))
+
+
 def test_split_is_by_pair_and_disjoint(tmp_path):
   pairs = _reverse_pairs(600)
   path = _write(tmp_path / "pairs.jsonl", pairs)

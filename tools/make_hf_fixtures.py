@@ -60,7 +60,7 @@ def randomize(model, seed: int) -> None:
   with torch.no_grad():
     for name, p in model.named_parameters():
       noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-      if p.ndim == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight"):
+      if p.ndim == 1 and ("norm" in name.lower() or "ln_" in name) and name.endswith("weight"):
         p.copy_(1.0 + 0.1 * noise)
       elif p.ndim == 1:
         p.copy_(0.1 * noise)
