@@ -122,12 +122,19 @@ def distill(config, teacher_workdir: str, workdir: str, stop_after: int | None =
                                                   jax.process_count())
   tx, lr_schedule = experiment.make_optimizer(student)
   abstract_state, shardings = experiment.state_shardings(model, tx, mesh, student.data.seq_len)
+  if saved_step is not None:  # the newest checkpoint that restores whole; damaged newer ones moved aside
+    loader = checkpointing.make_manager(workdir, read_only=True)
+    try:
+      saved_step, (state, data_state, extra), damaged = checkpointing.restore_newest(
+          loader, lambda s: (*checkpointing.restore(loader, s, abstract_state), checkpointing.restore_items(
+              loader, s, trees={"teacher": abstract_state.params}, records=("distill_state",))), workdir)
+    finally:
+      loader.close()
+    checkpointing.quarantine(workdir, damaged)
+    paths.sync("diffusion_lm:quarantine")
   manager = checkpointing.make_manager(workdir, t.checkpoint_every, t.keep_checkpoints)
   if saved_step is not None:
-    state, data_state = checkpointing.restore(manager, saved_step, abstract_state)
     data_iter.set_state(data_state)
-    extra = checkpointing.restore_items(manager, saved_step, trees={"teacher": abstract_state.params},
-                                        records=("distill_state",))
     teacher_params, progress = extra["teacher"], extra["distill_state"]
     _log(f"resumed from checkpoint step {saved_step} in {workdir} (round {progress['round'] + 1} of "
          f"{rounds.num_rounds}, teacher {progress['teacher_steps']} steps)")

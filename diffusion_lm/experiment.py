@@ -512,11 +512,7 @@ def load_trained(workdir: str, use_ema: bool = True, mesh_config=None) -> Traine
   model = Transformer(model_config(config, tokenizer.vocab_size))
   tx, _ = make_optimizer(config)
   abstract, shardings = state_shardings(model, tx, mesh, config.data.seq_len)
-  manager = checkpointing.make_manager(workdir, read_only=True)
-  try:
-    state, _ = checkpointing.restore(manager, step, abstract)
-  finally:
-    manager.close()
+  step, state, _, _ = checkpointing.restore_latest(workdir, abstract)
   params = state.ema_params if use_ema else state.params
   return Trained(config, tokenizer, model, schedule_from_config(config), mesh, params,
                  shardings.params, step)

@@ -85,12 +85,19 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   schedule = experiment.schedule_from_config(config)
   tx, lr_schedule = experiment.make_optimizer(config)
   abstract_state, shardings = experiment.state_shardings(model, tx, mesh, config.data.seq_len)
-  manager = checkpointing.make_manager(workdir, t.checkpoint_every, t.keep_checkpoints)
   config_dict = {**experiment.config_to_dict(config), "vocab_size": tokenizer.vocab_size}
   if saved_step is not None:
-    state, data_state = checkpointing.restore(manager, saved_step, abstract_state)
+    # The newest checkpoint that restores whole; damaged newer ones are moved aside before the manager
+    # that will save over their steps opens.
+    saved_step, state, data_state, damaged = checkpointing.restore_latest(workdir, abstract_state)
+    checkpointing.quarantine(workdir, damaged)
+    paths.sync("diffusion_lm:quarantine")
+  manager = checkpointing.make_manager(workdir, t.checkpoint_every, t.keep_checkpoints)
+  if saved_step is not None:
     data_iter.set_state(data_state)
-    _log(f"resumed from checkpoint step {saved_step} in {workdir}")
+    _log(f"resumed from checkpoint step {saved_step} in {workdir}"
+         + (f" (damaged: step {', '.join(str(d.step) for d in damaged)}, moved to "
+            f"{paths.join(workdir, 'damaged_checkpoints')})" if damaged else ""))
   else:
     state = experiment.init_state(model, tx, mesh, jax.random.key(config.seed), config.data.seq_len,
                                   shardings)
@@ -100,6 +107,12 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     if jax.process_index() == 0:
       paths.write_bytes(paths.join(workdir, "config.json"), json.dumps(config_dict, indent=2).encode())
   start_step = int(state.step)
+  if start_step > t.num_steps:
+    raise UserError(f"training.num_steps={t.num_steps} is below the step {start_step} that the workdir {workdir!r} "
+                    f"has reached; allowed: num_steps >= {start_step} (a larger value trains further)")
+  if start_step == t.num_steps and saved_step is not None:
+    _log(f"the checkpoint already reaches training.num_steps={t.num_steps}; nothing to train (a larger "
+         "--config.training.num_steps trains further)")
   _log(f"model: {experiment.param_count(state.params):,} parameters, vocab {tokenizer.vocab_size} "
        f"({tokenizer.kind}), mesh {dict(mesh.shape)}, {train_windows.__len__():,} train sequences of "
        f"{config.data.seq_len} tokens")
