@@ -21,7 +21,7 @@ import jax
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from diffusion_lm import checkpointing, distillation, experiment, paths, sharding, tokenizers
+from diffusion_lm import checkpointing, distillation, experiment, lease, paths, sharding, tokenizers
 from diffusion_lm.errors import CONFIGS_DIR, UserError, cli_main, parse_flags
 from diffusion_lm.metrics import MetricWriter
 from diffusion_lm.train import _check_writable, _log, _Preemption, report_final
@@ -91,6 +91,13 @@ def distill(config, teacher_workdir: str, workdir: str, stop_after: int | None =
   teacher = experiment.load_trained(teacher_workdir)
   distillation.check_objective(teacher.model.config)
   _check_writable(workdir)
+  with lease.held(workdir, "distill") as writer_lease:  # one writer per workdir (see lease.py)
+    return _distill(config, rounds, teacher, teacher_workdir, teacher_step, teacher_saved, workdir, stop_after,
+                    writer_lease)
+
+
+def _distill(config, rounds, teacher, teacher_workdir, teacher_step, teacher_saved, workdir, stop_after,
+             writer_lease) -> dict:
   saved_step, saved = checkpointing.read_saved_config(workdir)
   if saved is not None:
     record = saved.get("distill", {})
@@ -224,6 +231,7 @@ def distill(config, teacher_workdir: str, workdir: str, stop_after: int | None =
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     try:
       for step in range(start_step, total):
+        writer_lease.check()
         if step and step % rounds.steps_per_round == 0:
           # A new round: this round's student becomes the teacher.
           source = state.params if config.distill.teacher_from == "params" else state.ema_params

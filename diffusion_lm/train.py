@@ -16,7 +16,7 @@ import jax
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from diffusion_lm import checkpointing, experiment, paths, sharding
+from diffusion_lm import checkpointing, experiment, lease, paths, sharding
 from diffusion_lm.errors import UserError, cli_main, parse_flags
 from diffusion_lm.metrics import MetricWriter
 from diffusion_lm.profiling import StepProfiler
@@ -59,7 +59,14 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
       paths.check_uri_support(where)
   workdir = paths.resolve(workdir)  # a gs:// workdir stays one (never made a local folder)
   _check_writable(workdir)
+  with lease.held(workdir, "train") as writer_lease:  # one writer per workdir (see lease.py)
+    return _train(config, workdir, stop_after, writer_lease)
+
+
+def _train(config, workdir: str, stop_after, writer_lease) -> dict:
   saved_step, saved_config = checkpointing.read_saved_config(workdir)
+  if saved_step is not None and saved_step > config.training.num_steps:  # before any data is prepared
+    _check_reached(saved_step, config.training.num_steps, workdir)
 
   # ------------------------------------------------------------------ mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -107,9 +114,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     if jax.process_index() == 0:
       paths.write_bytes(paths.join(workdir, "config.json"), json.dumps(config_dict, indent=2).encode())
   start_step = int(state.step)
-  if start_step > t.num_steps:
-    raise UserError(f"training.num_steps={t.num_steps} is below the step {start_step} that the workdir {workdir!r} "
-                    f"has reached; allowed: num_steps >= {start_step} (a larger value trains further)")
+  _check_reached(start_step, t.num_steps, workdir)
   if start_step == t.num_steps and saved_step is not None:
     _log(f"the checkpoint already reaches training.num_steps={t.num_steps}; nothing to train (a larger "
          "--config.training.num_steps trains further)")
@@ -182,6 +187,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     try:
       for step in range(start_step, t.num_steps):
+        writer_lease.check()
         rows = next(data_iter)
         batch = sharding.global_batch_from_local(rows, mesh)
         profiler.before_step(step + 1)
@@ -234,6 +240,12 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
       finally:
         writer.close()
   return last
+
+
+def _check_reached(step: int, num_steps: int, workdir: str) -> None:
+  if step > num_steps:
+    raise UserError(f"training.num_steps={num_steps} is below the step {step} that the workdir {workdir!r} has "
+                    f"reached; allowed: num_steps >= {step} (a larger value trains further)")
 
 
 def _check_writable(workdir: str) -> None:
