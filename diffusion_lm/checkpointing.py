@@ -123,6 +123,22 @@ def _reason(error: BaseException) -> str:
   return text if len(text) <= 240 else text[:237] + "..."
 
 
+def _quiet_abandoned_reads() -> None:
+  """After a failed restore, TensorStore may still complete reads of the abandoned attempt and call back
+  into orbax's event loop, already closed: Python reports each as an unraisable RuntimeError with a
+  traceback. They are harmless; this drops exactly those, passing anything else to the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook._drops_closed_loop = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
 def restore_newest(manager, restore_step, workdir: str, steps=None, quiet: bool = False):
   """(step, restore_step(step), damaged): the newest step whose `restore_step` succeeds, trying the
   manager's steps (or `steps`) newest first; `damaged` lists the newer ones that failed, each announced
@@ -130,6 +146,7 @@ def restore_newest(manager, restore_step, workdir: str, steps=None, quiet: bool 
   UserError naming the damaged steps when none restores."""
   steps = sorted(manager.all_steps() if steps is None else steps, reverse=True)
   damaged = []
+  _quiet_abandoned_reads()
   for step in steps:
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)  # orbax warns about each missing file of a damaged step

@@ -283,7 +283,10 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Defines this command's flags (only when run as a command, so the module imports cleanly)."""
-  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Distillation configuration file.", lock_config=True)
+  # No default here: ml_collections would load a default at definition, where an override's error is a
+  # traceback; parse_with_default_config names it on the command line instead.
+  config_flags.DEFINE_config_file("config", None, f"Distillation configuration file (default {DEFAULT_CONFIG}).",
+                                  lock_config=True)
   flags.DEFINE_string("teacher_workdir", None, "Trained masked- or block-diffusion workdir to distil.")
   flags.DEFINE_string("workdir", None, "Directory of the student (checkpoints, tokenizer, logs).")
   flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
@@ -301,6 +304,13 @@ def main(argv):
   report_final(distill, FLAGS.config, FLAGS.teacher_workdir, FLAGS.workdir)
 
 
+def parse_with_default_config(argv):
+  """parse_flags, with --config=configs/distill.py when the command line names no config."""
+  if not any(a in ("--config", "-config") or a.startswith(("--config=", "-config=")) for a in argv[1:]):
+    argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+  return parse_flags(argv)
+
+
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=parse_with_default_config)

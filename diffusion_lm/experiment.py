@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from diffusion_lm import autoregressive, checkpointing, data, diffusion, objectives, paths, sharding, tokenizers
-from diffusion_lm.errors import UserError
+from diffusion_lm.errors import UserError, check_seed
 from diffusion_lm.model import RUNTIME_FIELDS, ModelConfig, Transformer
 from diffusion_lm.schedules import Schedule
 
@@ -65,6 +65,12 @@ def check_config(config) -> None:
     raise UserError(f"optimizer.ema_decay={o.ema_decay}; allowed: 0 <= value < 1")
   if o.decay not in ("cosine", "linear", "constant"):
     raise UserError(f"optimizer.decay={o.decay!r}; allowed: cosine, linear, constant")
+  for name, value in (("seed", config.seed), ("sampling.seed", config.sampling.get("seed", 0)),
+                      ("evaluation.seed", config.evaluation.get("seed", 0))):
+    check_seed(value, name)
+  # The model's settings now, before any data is prepared or tokenizer trained (the vocabulary is not known
+  # yet: a placeholder size that any mask_token_id below it passes; the real one is checked when built).
+  model_config(config, max(2, int(config.model.get("mask_token_id", -1)) + 1))
 
 
 def schedule_from_config(config) -> Schedule:
