@@ -503,6 +503,9 @@ class Trained:
 def load_trained(workdir: str, use_ema: bool = True, mesh_config=None) -> Trained:
   """Loads config, tokenizer and (EMA) params of the latest checkpoint in `workdir`."""
   paths.check_uri_support(workdir)
+  if paths.exists(workdir) and not paths.isdir(workdir):
+    raise UserError(f"workdir {workdir!r} is a file, not a folder; allowed: a workdir written by "
+                    "python -m diffusion_lm.train (or convert)")
   step, saved = checkpointing.read_saved_config(workdir)
   if step is None:
     raise UserError(f"workdir {workdir!r} holds no checkpoint; train first with "

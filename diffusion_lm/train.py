@@ -250,6 +250,8 @@ def _check_reached(step: int, num_steps: int, workdir: str) -> None:
 
 def _check_writable(workdir: str) -> None:
   """Fails early, in one line, when the workdir cannot be created or written."""
+  if paths.exists(workdir) and not paths.isdir(workdir):
+    raise UserError(f"workdir {workdir!r} is a file, not a folder; allowed: a new or existing folder")
   try:
     probe = paths.join(workdir, f".write-probe-{jax.process_index()}-{os.getpid()}")
     paths.write_bytes(probe, b"ok")
