@@ -181,7 +181,7 @@ def _flag_error_message(error: BaseException, argv) -> str:
     name = key.group(1) if key else None
     override = next((a.split("=")[0] for a in argv[1:] if name and a.startswith("--config") and "." in a.split("=")[0]
                      and re.search(rf"\.{name}(\.|$)", a.split("=")[0])), None)
-    return (f"{override or '--config.' + str(name)}: unknown config key {name!r}"
+    return (f"unknown config key {override or name!r}"
             + (f"; did you mean {close.group(1)!r}?" if close else "; see configs/default.py (configs/distill.py for "
                "distill) for the keys"))
   return " ".join(flat.split())

@@ -96,9 +96,7 @@ def _load_judge(trained):
     raise UserError(f"--judge_workdir={FLAGS.judge_workdir!r} has another vocabulary ({judge.tokenizer.kind}, "
                     f"{judge.tokenizer.vocab_size} tokens) than the model ({trained.tokenizer.kind}, "
                     f"{trained.tokenizer.vocab_size} tokens); allowed: a judge trained with the same tokenizer")
-  if not judge.model.config.causal:
-    raise UserError(f"--judge_workdir={FLAGS.judge_workdir!r} holds a diffusion model; allowed: an autoregressive "
-                    "checkpoint (trained with objective='ar', e.g. configs/demo_ar.py)")
+  experiment.ar_scorer(judge)  # refuses a diffusion judge (nothing is compiled yet)
   return judge
 
 
