@@ -10,6 +10,7 @@ newer ones it skipped and why, and training moves the skipped ones to WORKDIR/da
 next saves do not collide with them.
 """
 
+import contextlib
 import sys
 import time
 from typing import NamedTuple
@@ -47,7 +48,10 @@ def make_manager(workdir: str, save_every: int = 1, keep: int = 3, read_only: bo
         preservation_policy=policies.LatestN(keep),
         cleanup_tmp_directories=True,  # remove what a killed save left half-written
     )
-  return (_LoadingManager if read_only else ocp.CheckpointManager)(checkpoint_dir(workdir), options=options)
+  if read_only:
+    with _quiet_orbax():  # it reads every step's metadata, a damaged step's too
+      return _LoadingManager(checkpoint_dir(workdir), options=options)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 class _LoadingManager(ocp.CheckpointManager):
@@ -123,6 +127,17 @@ def _reason(error: BaseException) -> str:
   return text if len(text) <= 240 else text[:237] + "..."
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Orbax warns (absl logging) about each missing file of a damaged step; restore_newest says it in one line."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+
+
 def _quiet_abandoned_reads() -> None:
   """After a failed restore, TensorStore may still complete reads of the abandoned attempt and call back
   into orbax's event loop, already closed: Python reports each as an unraisable RuntimeError with a
@@ -148,18 +163,15 @@ def restore_newest(manager, restore_step, workdir: str, steps=None, quiet: bool 
   damaged = []
   _quiet_abandoned_reads()
   for step in steps:
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity(logging.ERROR)  # orbax warns about each missing file of a damaged step
     try:
-      result = restore_step(step)
+      with _quiet_orbax():
+        result = restore_step(step)
     except (KeyboardInterrupt, SystemExit, UserError):
       raise
     except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore and json raise many kinds)
       folder = paths.join(checkpoint_dir(workdir), str(step))
       damaged.append(Damaged(step, "the folder is empty" if not paths.files_under(folder) else _reason(e)))
       continue
-    finally:
-      logging.set_verbosity(verbosity)
     if damaged and not quiet and jax.process_index() == 0:
       for bad in damaged:
         print(f"warning: checkpoint step {bad.step} in {checkpoint_dir(workdir)} is damaged ({bad.reason}); "
