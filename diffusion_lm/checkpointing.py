@@ -98,16 +98,14 @@ def restore(manager, step: int, abstract_state):
   return restored.state, restored.data_iter
 
 
-def restore_latest(workdir: str, abstract_state, manager=None):
+def restore_latest(workdir: str, abstract_state):
   """(step, state, data_state, damaged) of the newest checkpoint that restores whole (see restore_newest);
-  (None, None, None, []) when there is none. Opens a loading manager unless one is given."""
-  own = manager is None
-  manager = make_manager(workdir, read_only=True) if own else manager
+  (None, None, None, []) when there is none."""
+  manager = make_manager(workdir, read_only=True)
   try:
     step, restored, damaged = restore_newest(manager, lambda s: restore(manager, s, abstract_state), workdir)
   finally:
-    if own:
-      manager.close()
+    manager.close()
   state, data_state = restored if restored is not None else (None, None)
   return step, state, data_state, damaged
 
@@ -196,8 +194,12 @@ def quarantine(workdir: str, damaged) -> None:
   paths.makedirs(target)
   for bad in damaged:
     source = paths.path(paths.join(checkpoint_dir(workdir), str(bad.step)))
-    if source.exists():
-      source.rename(paths.path(paths.join(target, f"{bad.step}-{time.strftime('%Y%m%d-%H%M%S')}")))
+    try:
+      if source.exists():
+        source.rename(paths.path(paths.join(target, f"{bad.step}-{time.strftime('%Y%m%d-%H%M%S')}")))
+    except OSError as e:
+      raise UserError(f"could not move the damaged checkpoint {source} aside ({e.strerror or e}); allowed: move or "
+                      f"remove it yourself and rerun (training would save step {bad.step} there again)") from None
 
 
 def read_saved_config(workdir: str, quiet: bool = True):
