@@ -106,3 +106,13 @@ def test_evaluate_prints_its_result_when_eval_jsonl_cannot_be_written(trained_wo
   assert "Traceback" not in out.stderr
   assert [line for line in out.stderr.splitlines() if line.startswith("warning:")] == [
       f"warning: could not append the result to {workdir}/eval.jsonl (Is a directory); it is printed above only"]
+
+
+def test_model_settings_are_refused_before_any_data_is_prepared(tmp_path, tiny_config):
+  from diffusion_lm.train import train_and_evaluate
+  tiny_config.model.num_heads = 3  # 32 / 3 is no even head width
+  tiny_config.data.cache_dir = str(tmp_path / "cache")
+  workdir = tmp_path / "run"
+  with pytest.raises(UserError, match="model.d_model=32 with num_heads=3"):
+    train_and_evaluate(tiny_config, str(workdir))
+  assert not (workdir / "tokenizer.json").exists() and not (tmp_path / "cache").exists()

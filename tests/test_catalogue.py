@@ -84,6 +84,8 @@ CASES = [
     ("config-syntax-error", "train", ["--config={tmp}/syntax_error.py"],
      "syntax_error.py: Python syntax error at line 1"),
     ("config-without-get_config", "train", ["--config={tmp}/no_get_config.py"], "the file defines no get_config()"),
+    ("unknown-config-group", "train", TINY + ["--config.modell.x=3"],
+     "unknown config key '--config.modell.x'; did you mean 'model'?"),
     ("unused-config-argument", "train", ["--config=configs/tiny.py:foo"], "config argument 'foo'"),
     ("seed-above-32-bits", "train", TINY + ["--config.seed=4294967296"],
      "seed=4294967296; allowed: an integer from 0 to 4294967295"),
