@@ -116,3 +116,15 @@ def test_model_settings_are_refused_before_any_data_is_prepared(tmp_path, tiny_c
   with pytest.raises(UserError, match="model.d_model=32 with num_heads=3"):
     train_and_evaluate(tiny_config, str(workdir))
   assert not (workdir / "tokenizer.json").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_character_only_in_the_validation_split_names_the_split_and_the_fix(tmp_path):
+  from diffusion_lm import data
+  tokenizer = CharTokenizer(sorted(set("abc ")))  # what the train split held
+  split = data.TextSplit(name="validation", fingerprint="f", source=[{"text": "abc"}, {"text": "ab\u00e9"}],
+                         order=np.arange(2), doc_ends=np.ones(2, bool), text_key="text")
+  with pytest.raises(UserError) as e:
+    data.tokenize_split(split, tokenizer, str(tmp_path), coordinate=False, processes=1)
+  message = str(e.value)
+  assert message.startswith("the 'validation' split: character '\u00e9' is not in the character vocabulary")
+  assert "built from the train split only" in message and "tokenizer.kind=sentencepiece" in message
