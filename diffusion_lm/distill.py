@@ -89,6 +89,7 @@ def distill(config, teacher_workdir: str, workdir: str, stop_after: int | None =
     raise UserError(f"--teacher_workdir={teacher_workdir!r} holds no checkpoint; train it first with "
                     "python -m diffusion_lm.train")
   teacher = experiment.load_trained(teacher_workdir)
+  teacher_step = teacher.step  # a damaged newest teacher step falls back to an older one
   distillation.check_objective(teacher.model.config)
   _check_writable(workdir)
   with lease.held(workdir, "distill") as writer_lease:  # one writer per workdir (see lease.py)
