@@ -63,10 +63,13 @@ def is_live(record: dict | None, now: float | None = None) -> bool:
   if record is None:
     return False
   now = time.time() if now is None else now
-  if float(record.get("expires", 0)) < now:
+  try:
+    if float(record.get("expires", 0)) < now:
+      return False
+    if record.get("host") == socket.gethostname():
+      return _pid_alive(int(record.get("pid", -1)))
+  except (TypeError, ValueError):  # a record no run of this project wrote: nobody holds it
     return False
-  if record.get("host") == socket.gethostname():
-    return _pid_alive(int(record.get("pid", -1)))
   return True
 
 
