@@ -7,7 +7,10 @@ import ml_collections
 
 
 def get_config(arg=None):
-  del arg
+  if arg is not None:  # configs that take one (sft, sft_tiny, demo_adapt, demo_block) do not pass it here
+    raise ValueError(f"config argument {arg!r} (after ':' in --config) is not used by this config; allowed: the "
+                     "config path without it (configs/sft.py:WORKDIR, sft_tiny.py:FILE, demo_adapt.py:WORKDIR and "
+                     "demo_block.py:BLOCK_SIZE take one)")
   config = ml_collections.ConfigDict()
   config.seed = 0  # seeds init, data order, masking and periodic samples
   # diffusion (masked diffusion ELBO) | ar (the causal baseline, same network) | block (block diffusion,

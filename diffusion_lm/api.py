@@ -14,12 +14,13 @@ printing, `python -m diffusion_lm.evaluate` is `evaluate` plus the generated-sam
 import dataclasses
 import json
 import math
+import os
 
 import ml_collections
 import numpy as np
 
 from diffusion_lm import experiment, objectives, paths, sampling
-from diffusion_lm.errors import UserError
+from diffusion_lm.errors import UserError, check_seed
 from diffusion_lm.generation import Generator, sampler_config
 
 # Sampler settings a caller may override (the fields of sampling.SamplerConfig but its name).
@@ -115,6 +116,10 @@ def generate_tokens(trained, *, prompt: str = "", suffix: str = "", infill: str 
   unknown = sorted(set(settings) - set(SAMPLER_SETTINGS))
   if unknown:
     raise UserError(f"unknown sampler setting {unknown[0]!r}; allowed: {', '.join(SAMPLER_SETTINGS)}")
+  for name, text in (("prompt", prompt), ("suffix", suffix), ("infill", infill)):
+    if not isinstance(text, str):
+      raise UserError(f"{name}={text!r}; allowed: a string")
+  seed = check_seed(seed, "seed")
   if not isinstance(num_samples, int) or num_samples < 1:
     raise UserError(f"num_samples={num_samples}; allowed: an integer >= 1")
   cfg = sampler_config(trained.config.sampling, name=sampler, **settings)
@@ -129,6 +134,8 @@ def generate_tokens(trained, *, prompt: str = "", suffix: str = "", infill: str 
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+EVALUATE_SETTINGS = ("max_batches", "num_t_samples", "seed", "discrete_steps")
 
 
 def evaluate(trained, workdir: str, *, split: str | None = None, max_batches: int | None = None,
@@ -147,6 +154,10 @@ def evaluate(trained, workdir: str, *, split: str | None = None, max_batches: in
   eval_config = ml_collections.ConfigDict(config.evaluation.to_dict())
   for name, value in (("max_batches", max_batches), ("num_t_samples", num_t_samples), ("seed", seed),
                       ("discrete_steps", discrete_steps)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+      raise UserError(f"{name}={value!r}; allowed: an integer")
+    if name == "seed" and value is not None:
+      check_seed(value, "seed")
     if value is not None:
       eval_config[name] = value
   cache = {} if cache is None else cache
@@ -235,10 +246,19 @@ def read_metrics(workdir: str) -> Table:
   if not paths.exists(path):
     raise UserError(f"workdir {workdir!r} has no metrics.jsonl; allowed: a workdir a training run has logged to")
   by_step = {}
-  for line in paths.read_text(path).splitlines():
-    if line.strip():
+  lines = paths.read_text(path).splitlines()
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
       record = json.loads(line)
-      by_step.setdefault(int(record["step"]), {}).update(record)
+      step = int(record["step"])
+    except (ValueError, KeyError, TypeError):
+      if number == len(lines):  # a record cut by a kill mid-write: the next training run drops it
+        continue
+      raise UserError(f"{path}: line {number} is not a metrics record ({line[:60]!r}); allowed: one JSON object "
+                      "with a 'step' per line (remove or fix that line)") from None
+    by_step.setdefault(step, {}).update(record)
   steps = sorted(by_step)
   names = ["step"] + sorted({k for r in by_step.values() for k in r} - {"step", "time"}) + ["time"]
   columns = {"step": np.array(steps, dtype=np.int64)}
@@ -295,6 +315,9 @@ class Run:
 
   def evaluate(self, split: str | None = None, **kwargs) -> dict:
     """The likelihood bound on a split; kwargs: max_batches, num_t_samples, seed, discrete_steps."""
+    unknown = sorted(set(kwargs) - set(EVALUATE_SETTINGS))
+    if unknown:
+      raise UserError(f"unknown evaluate setting {unknown[0]!r}; allowed: split, {', '.join(EVALUATE_SETTINGS)}")
     return evaluate(self.trained, self.workdir, split=split, raw_params=not self.use_ema, cache=self._evaluators,
                     **kwargs)
 
@@ -308,5 +331,8 @@ class Run:
 
 def load(workdir: str, use_ema: bool = True) -> Run:
   """Opens a trained workdir (local or gs://): its config, tokenizer and latest (EMA) parameters."""
+  if not isinstance(workdir, (str, os.PathLike)) or not str(workdir):
+    raise UserError(f"workdir={workdir!r}; allowed: the path of a trained workdir (a str or os.PathLike, local or "
+                    "gs://)")
   workdir = paths.resolve(workdir)
   return Run(workdir, experiment.load_trained(workdir, use_ema=use_ema), use_ema)

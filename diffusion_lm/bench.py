@@ -48,6 +48,16 @@ from diffusion_lm.errors import UserError, cli_main, parse_flags
 FLAGS = flags.FLAGS
 
 
+def _positive_ints(name: str) -> list[int]:
+  """A comma-separated flag's integers; UserError naming that flag and its bad item."""
+  values = FLAGS[name].value
+  for item in values:
+    if not item.strip().isdigit() or int(item) < 1:
+      raise UserError(f"--{name}={','.join(values)}: {item!r} is not an integer >= 1; allowed: comma-separated "
+                      "integers >= 1")
+  return [int(item) for item in values]
+
+
 def _best_time(fn, repeats: int):
   best, out = float("inf"), None
   for _ in range(max(repeats, 1)):
@@ -394,13 +404,7 @@ def main(argv):
     raise UserError(f"unexpected arguments {argv[1:]}; allowed: flags only")
   import jax  # pylint: disable=g-import-not-at-top
   from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
-  try:
-    steps_list = [int(s) for s in FLAGS.steps]
-    batches = [int(b) for b in FLAGS.batches]
-    block_steps = [int(s) for s in FLAGS.block_steps]
-  except ValueError:
-    raise UserError(f"--steps={','.join(FLAGS.steps)} --batches={','.join(FLAGS.batches)} --block_steps="
-                    f"{','.join(FLAGS.block_steps)}; allowed: comma-separated integers") from None
+  steps_list, batches, block_steps = (_positive_ints(name) for name in ("steps", "batches", "block_steps"))
   for name in FLAGS.samplers + FLAGS.block_samplers:
     if name not in sampling.SAMPLERS:
       raise UserError(f"--samplers/--block_samplers include {name!r}; allowed: {', '.join(sampling.SAMPLERS)}")

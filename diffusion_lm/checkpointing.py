@@ -3,8 +3,20 @@
 Layout: WORKDIR/checkpoints/<step>/{state,data_iter,config}. Orbax writes each step to a temporary
 directory and renames it when complete, so a kill during a save never leaves a checkpoint that
 `latest_step()` would pick up; saves are asynchronous, and `close()` waits for the last one.
+
+A checkpoint can still be damaged after it was written (a truncated or overwritten file, an emptied step
+folder): every command restores the newest step that restores (`restore_newest`), says in one line which
+newer ones it skipped and why, and training moves the skipped ones to WORKDIR/damaged_checkpoints/ so its
+next saves do not collide with them.
 """
 
+import contextlib
+import sys
+import time
+from typing import NamedTuple
+
+from absl import logging
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -36,7 +48,10 @@ def make_manager(workdir: str, save_every: int = 1, keep: int = 3, read_only: bo
         preservation_policy=policies.LatestN(keep),
         cleanup_tmp_directories=True,  # remove what a killed save left half-written
     )
-  return (_LoadingManager if read_only else ocp.CheckpointManager)(checkpoint_dir(workdir), options=options)
+  if read_only:
+    with _quiet_orbax():  # it reads every step's metadata, a damaged step's too
+      return _LoadingManager(checkpoint_dir(workdir), options=options)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 class _LoadingManager(ocp.CheckpointManager):
@@ -73,24 +88,129 @@ def restore_items(manager, step: int, trees: dict | None = None, records=()) -> 
 
 
 def restore(manager, step: int, abstract_state):
-  """Restores (state, data_state) at `step` into the given abstract (sharded) state."""
+  """Restores (state, data_state) at `step` into the given abstract (sharded) state. The config is read
+  as well, so a step whose config is damaged does not pass for intact."""
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
       data_iter=ocp.args.JsonRestore(),
+      config=ocp.args.JsonRestore(),
   ))
   return restored.state, restored.data_iter
 
 
-def read_saved_config(workdir: str):
-  """(latest step, saved config dict) of the workdir's checkpoints, or (None, None)."""
+def restore_latest(workdir: str, abstract_state):
+  """(step, state, data_state, damaged) of the newest checkpoint that restores whole (see restore_newest);
+  (None, None, None, []) when there is none."""
+  manager = make_manager(workdir, read_only=True)
+  try:
+    step, restored, damaged = restore_newest(manager, lambda s: restore(manager, s, abstract_state), workdir)
+  finally:
+    manager.close()
+  state, data_state = restored if restored is not None else (None, None)
+  return step, state, data_state, damaged
+
+
+class Damaged(NamedTuple):
+  step: int
+  reason: str  # one line
+
+
+def _reason(error: BaseException) -> str:
+  """The first line of an exception, short enough for a one-line message (orbax wraps TensorStore's
+  error, which names the file and byte range, in a generic one: the innermost cause is the telling one)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+  return text if len(text) <= 240 else text[:237] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Orbax warns (absl logging) about each missing file of a damaged step; restore_newest says it in one line."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+def _quiet_abandoned_reads() -> None:
+  """After a failed restore, TensorStore may still complete reads of the abandoned attempt and call back
+  into orbax's event loop, already closed: Python reports each as an unraisable RuntimeError with a
+  traceback. They are harmless; this drops exactly those, passing anything else to the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook._drops_closed_loop = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
+def restore_newest(manager, restore_step, workdir: str, steps=None, quiet: bool = False):
+  """(step, restore_step(step), damaged): the newest step whose `restore_step` succeeds, trying the
+  manager's steps (or `steps`) newest first; `damaged` lists the newer ones that failed, each announced
+  in one `warning:` line on stderr (process 0, unless quiet). (None, None, []) when there is no step;
+  UserError naming the damaged steps when none restores."""
+  steps = sorted(manager.all_steps() if steps is None else steps, reverse=True)
+  damaged = []
+  _quiet_abandoned_reads()
+  for step in steps:
+    try:
+      with _quiet_orbax():
+        result = restore_step(step)
+    except (KeyboardInterrupt, SystemExit, UserError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore and json raise many kinds)
+      folder = paths.join(checkpoint_dir(workdir), str(step))
+      damaged.append(Damaged(step, "the folder is empty" if not paths.files_under(folder) else _reason(e)))
+      continue
+    if damaged and not quiet and jax.process_index() == 0:
+      for bad in damaged:
+        print(f"warning: checkpoint step {bad.step} in {checkpoint_dir(workdir)} is damaged ({bad.reason}); "
+              f"skipped, using step {step}", file=sys.stderr, flush=True)
+    return step, result, damaged
+  if damaged:
+    newest = damaged[0]
+    raise UserError(f"workdir {workdir!r} holds no intact checkpoint: step {newest.step} is damaged "
+                    f"({newest.reason})" + (f", and so are steps {', '.join(str(d.step) for d in damaged[1:])}"
+                                            if len(damaged) > 1 else "")
+                    + f"; allowed: restore the folder {checkpoint_dir(workdir)}/{newest.step} from a copy, or remove "
+                    "the damaged step folders to start again")
+  return None, None, []
+
+
+def quarantine(workdir: str, damaged) -> None:
+  """Moves damaged step folders out of the checkpoint folder (to WORKDIR/damaged_checkpoints/<step>-<time>):
+  kept for inspection, and out of the way of the saves that will reach those steps again."""
+  if not damaged or jax.process_index() != 0:
+    return
+  target = paths.join(workdir, "damaged_checkpoints")
+  paths.makedirs(target)
+  for bad in damaged:
+    source = paths.path(paths.join(checkpoint_dir(workdir), str(bad.step)))
+    try:
+      if source.exists():
+        source.rename(paths.path(paths.join(target, f"{bad.step}-{time.strftime('%Y%m%d-%H%M%S')}")))
+    except OSError as e:
+      raise UserError(f"could not move the damaged checkpoint {source} aside ({e.strerror or e}); allowed: move or "
+                      f"remove it yourself and rerun (training would save step {bad.step} there again)") from None
+
+
+def read_saved_config(workdir: str, quiet: bool = True):
+  """(step, saved config dict) of the newest checkpoint whose config reads, or (None, None)."""
   if not paths.isdir(checkpoint_dir(workdir)):
     return None, None
   manager = make_manager(workdir, read_only=True)
   try:
-    step = manager.latest_step()
-    if step is None:
-      return None, None
-    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return step, restored.config
+    step, config, _ = restore_newest(
+        manager, lambda s: manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config,
+        workdir, quiet=quiet)
+    return step, config
   finally:
     manager.close()

@@ -461,7 +461,14 @@ def tokenize_split(text_split: TextSplit, tokenizer, cache_dir: str, coordinate:
   """
   stem = paths.join(cache_dir, f"{text_split.name}-{text_split.fingerprint}-{tokenizer.fingerprint()}")
   if (paths.is_writer() or not coordinate) and not paths.exists(stem + ".json"):
-    _tokenize_to_cache(text_split, tokenizer, stem, processes)
+    try:
+      _tokenize_to_cache(text_split, tokenizer, stem, processes)
+    except UserError as e:
+      if "character vocabulary" not in str(e):
+        raise
+      raise UserError(f"the {text_split.name!r} split: {e}, which is built from the train split only; allowed: "
+                      "tokenizer.kind=sentencepiece (byte fallback encodes any text), or text whose characters all "
+                      "occur in the train split") from None
   if coordinate:
     paths.sync("diffusion_lm:tokenize")
     if not paths.exists(stem + ".json"):

@@ -21,7 +21,7 @@ import jax
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from diffusion_lm import checkpointing, distillation, experiment, paths, sharding, tokenizers
+from diffusion_lm import checkpointing, distillation, experiment, lease, paths, sharding, tokenizers
 from diffusion_lm.errors import CONFIGS_DIR, UserError, cli_main, parse_flags
 from diffusion_lm.metrics import MetricWriter
 from diffusion_lm.train import _check_writable, _log, _Preemption, report_final
@@ -89,8 +89,16 @@ def distill(config, teacher_workdir: str, workdir: str, stop_after: int | None =
     raise UserError(f"--teacher_workdir={teacher_workdir!r} holds no checkpoint; train it first with "
                     "python -m diffusion_lm.train")
   teacher = experiment.load_trained(teacher_workdir)
+  teacher_step = teacher.step  # a damaged newest teacher step falls back to an older one
   distillation.check_objective(teacher.model.config)
   _check_writable(workdir)
+  with lease.held(workdir, "distill") as writer_lease:  # one writer per workdir (see lease.py)
+    return _distill(config, rounds, teacher, teacher_workdir, teacher_step, teacher_saved, workdir, stop_after,
+                    writer_lease)
+
+
+def _distill(config, rounds, teacher, teacher_workdir, teacher_step, teacher_saved, workdir, stop_after,
+             writer_lease) -> dict:
   saved_step, saved = checkpointing.read_saved_config(workdir)
   if saved is not None:
     record = saved.get("distill", {})
@@ -122,12 +130,19 @@ def distill(config, teacher_workdir: str, workdir: str, stop_after: int | None =
                                                   jax.process_count())
   tx, lr_schedule = experiment.make_optimizer(student)
   abstract_state, shardings = experiment.state_shardings(model, tx, mesh, student.data.seq_len)
+  if saved_step is not None:  # the newest checkpoint that restores whole; damaged newer ones moved aside
+    loader = checkpointing.make_manager(workdir, read_only=True)
+    try:
+      saved_step, (state, data_state, extra), damaged = checkpointing.restore_newest(
+          loader, lambda s: (*checkpointing.restore(loader, s, abstract_state), checkpointing.restore_items(
+              loader, s, trees={"teacher": abstract_state.params}, records=("distill_state",))), workdir)
+    finally:
+      loader.close()
+    checkpointing.quarantine(workdir, damaged)
+    paths.sync("diffusion_lm:quarantine")
   manager = checkpointing.make_manager(workdir, t.checkpoint_every, t.keep_checkpoints)
   if saved_step is not None:
-    state, data_state = checkpointing.restore(manager, saved_step, abstract_state)
     data_iter.set_state(data_state)
-    extra = checkpointing.restore_items(manager, saved_step, trees={"teacher": abstract_state.params},
-                                        records=("distill_state",))
     teacher_params, progress = extra["teacher"], extra["distill_state"]
     _log(f"resumed from checkpoint step {saved_step} in {workdir} (round {progress['round'] + 1} of "
          f"{rounds.num_rounds}, teacher {progress['teacher_steps']} steps)")
@@ -217,6 +232,7 @@ def distill(config, teacher_workdir: str, workdir: str, stop_after: int | None =
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     try:
       for step in range(start_step, total):
+        writer_lease.check()
         if step and step % rounds.steps_per_round == 0:
           # A new round: this round's student becomes the teacher.
           source = state.params if config.distill.teacher_from == "params" else state.ema_params
@@ -268,7 +284,10 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Defines this command's flags (only when run as a command, so the module imports cleanly)."""
-  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Distillation configuration file.", lock_config=True)
+  # No default here: ml_collections would load a default at definition, where an override's error is a
+  # traceback; parse_with_default_config names it on the command line instead.
+  config_flags.DEFINE_config_file("config", None, f"Distillation configuration file (default {DEFAULT_CONFIG}).",
+                                  lock_config=True)
   flags.DEFINE_string("teacher_workdir", None, "Trained masked- or block-diffusion workdir to distil.")
   flags.DEFINE_string("workdir", None, "Directory of the student (checkpoints, tokenizer, logs).")
   flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
@@ -286,6 +305,13 @@ def main(argv):
   report_final(distill, FLAGS.config, FLAGS.teacher_workdir, FLAGS.workdir)
 
 
+def parse_with_default_config(argv):
+  """parse_flags, with --config=configs/distill.py when the command line names no config."""
+  if not any(a in ("--config", "-config") or a.startswith(("--config=", "-config=")) for a in argv[1:]):
+    argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+  return parse_flags(argv)
+
+
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=parse_with_default_config)

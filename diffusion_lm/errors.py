@@ -1,6 +1,7 @@
 """User-facing errors: one line, naming the bad value and what is allowed."""
 
 import functools
+import operator
 import os
 import re
 import sys
@@ -97,9 +98,50 @@ def resolve_config_files(argv) -> list[str]:
   argv = list(argv)
   for i, name, path, suffix in _config_file_flags(argv):
     found = find_config_file(path, name)
+    check_config_file(found, f"--{name}={path}")
     if found != path:
       argv[i] = argv[i][:len(argv[i]) - len(path + suffix)] + found + suffix
   return argv
+
+
+def check_config_file(path: str, shown: str) -> None:
+  """Fails in one line when the config file does not parse or defines no get_config (ml_collections
+  would print a traceback, or read a missing get_config as an unknown key 'config_config')."""
+  import ast  # pylint: disable=g-import-not-at-top
+  try:
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read(), filename=path)
+  except SyntaxError as e:
+    raise UserError(f"{shown}: Python syntax error at line {e.lineno}: {e.msg}; allowed: a Python config file "
+                    "defining get_config()") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f"{shown}: cannot read the file ({getattr(e, 'strerror', None) or e}); allowed: a readable "
+                    "Python config file defining get_config()") from None
+  if not any(isinstance(node, (ast.FunctionDef, ast.Assign, ast.ImportFrom)) and
+             ("get_config" in [getattr(node, "name", None)]
+              + [getattr(t, "id", None) for t in getattr(node, "targets", [])]
+              + [a.asname or a.name for a in getattr(node, "names", [])])
+             for node in tree.body):
+    raise UserError(f"{shown}: the file defines no get_config(); allowed: a Python config file whose "
+                    "get_config() returns an ml_collections.ConfigDict, e.g. configs/tiny.py")
+
+
+# Seeds: jax.random.key and grain take 32 bits; a larger seed would be wrapped into another's stream.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(value, name: str) -> int:
+  """`value` as a seed, or UserError naming `name` (a flag or a keyword) and the allowed range."""
+  try:
+    if isinstance(value, bool):
+      raise TypeError
+    value = operator.index(value)  # int, numpy integers; not floats or strings
+  except TypeError:
+    raise UserError(f"{name}={value!r}; allowed: an integer from 0 to {MAX_SEED}") from None
+  if not 0 <= value <= MAX_SEED:
+    raise UserError(f"{name}={value}; allowed: an integer from 0 to {MAX_SEED} (seeds are 32-bit; a larger one "
+                    "would repeat another seed's samples)")
+  return value
 
 
 def parse_flags(argv):
@@ -113,14 +155,33 @@ def parse_flags(argv):
   except UserError as e:
     _fail(str(e), argv)
   try:
-    return flags.FLAGS(argv)
-  except AttributeError as e:  # ml_collections: an override naming an unknown config key
-    text = str(e).replace("\\'", "'").replace("\\n", " ")
-    key = re.search(r"'(\w+)'", text)
-    close = re.search(r'Did you mean "([^"]+)"', text)
-    override = next((a.split("=")[0] for a in argv if key and a.startswith("--config.") and
-                     a.split("=")[0].endswith("." + key.group(1))), None)
-    _fail(f"unknown config key {override or (key.group(1) if key else text)!r}"
-          + (f"; did you mean {close.group(1)!r}?" if close else "; see configs/default.py for the keys"), argv)
-  except (flags.Error, KeyError, ValueError, TypeError, OSError) as e:  # OSError: an unreadable config file
-    _fail(str(e), argv)
+    parsed = flags.FLAGS(argv)
+    for _, name, _, _ in _config_file_flags(argv):
+      flags.FLAGS[name].value  # pylint: disable=pointless-statement  (errors of a lazily loaded file: here)
+    return parsed
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+    _fail(_flag_error_message(e, argv), argv)
+
+
+def _flag_error_message(error: BaseException, argv) -> str:
+  """One line for a flag or config error, naming the flag as the user typed it.
+
+  ml_collections reports an unknown override key as the repr of a KeyError inside an AttributeError
+  (quotes escaped, a newline before its "Did you mean"), and an exception in get_config as the whole
+  traceback: the key and the flag, or the exception's own last line, are what the user needs."""
+  text = str(error)
+  flat = text.replace("\\'", "'").replace("\\n", "\n")
+  if "Traceback (most recent call last)" in flat:  # raised inside a config file's get_config
+    last = [line.strip() for line in flat.splitlines() if line.strip()][-1]
+    flag = re.match(r"flag (--\S+?): ", flat)
+    return f"{flag.group(1) + ': ' if flag else ''}{last}"
+  key = re.match(r"^[\"']*(\w+)[\"']*(\s|$)", flat.strip())
+  if isinstance(error, (AttributeError, KeyError)) or (key and "Did you mean" in flat):
+    close = re.search(r'Did you mean "([^"]+)"', flat)
+    name = key.group(1) if key else None
+    override = next((a.split("=")[0] for a in argv[1:] if name and a.startswith("--config") and "." in a.split("=")[0]
+                     and re.search(rf"\.{name}(\.|$)", a.split("=")[0])), None)
+    return (f"unknown config key {override or name!r}"
+            + (f"; did you mean {close.group(1)!r}?" if close else "; see configs/default.py (configs/distill.py for "
+               "distill) for the keys"))
+  return " ".join(flat.split())

@@ -48,24 +48,59 @@ def main(argv):
     raise UserError(f"unexpected arguments {argv[1:]}; allowed: flags only")
   if not FLAGS.workdir:
     raise UserError("--workdir is required: the training workdir to evaluate")
+  _check_flags()
   from diffusion_lm import api, experiment  # pylint: disable=g-import-not-at-top
   trained = experiment.load_trained(FLAGS.workdir, use_ema=not FLAGS.raw_params)
   config = trained.config
+  judge = _load_judge(trained) if FLAGS.judge_workdir else None  # before the evaluation pass, not after it
   record = api.evaluate(trained, FLAGS.workdir, split=FLAGS.split, max_batches=FLAGS.max_batches,
                         num_t_samples=FLAGS.num_t_samples, seed=FLAGS.seed, discrete_steps=FLAGS.discrete_steps,
                         raw_params=FLAGS.raw_params)
-  if FLAGS.judge_workdir and not FLAGS.num_gen_samples:
-    raise UserError("--judge_workdir needs --num_gen_samples=N (N >= 1) samples to score")
   if FLAGS.num_gen_samples:
-    record.update(_generated_sample_metrics(trained, config))
+    record.update(_generated_sample_metrics(trained, config, judge))
   line = json.dumps(record)
   if jax.process_index() == 0:
-    api.append_eval_record(FLAGS.workdir, record)
-    print(line, flush=True)
+    print(line, flush=True)  # first: a workdir that cannot take eval.jsonl still gets its result
+    try:
+      api.append_eval_record(FLAGS.workdir, record)
+    except OSError as e:
+      print(f"warning: could not append the result to {FLAGS.workdir}/eval.jsonl ({e.strerror or e}); it is "
+            "printed above only", file=sys.stderr, flush=True)
   sys.stdout.flush()
 
 
-def _generated_sample_metrics(trained, config) -> dict:
+def _check_flags() -> None:
+  """The flags as the user typed them, each with a one-line error, before anything is loaded."""
+  from diffusion_lm.errors import check_seed  # pylint: disable=g-import-not-at-top
+  for name, least in (("max_batches", 0), ("num_t_samples", 1), ("discrete_steps", 0), ("num_gen_samples", 0),
+                      ("gen_steps", 1)):
+    value = FLAGS[name].value
+    if value is not None and value < least:
+      raise UserError(f"--{name}={value}; allowed: an integer >= {least}"
+                      + (" (0: the whole split)" if name == "max_batches" else "")
+                      + (" (0: off)" if name in ("discrete_steps", "num_gen_samples") else ""))
+  if FLAGS.seed is not None:
+    check_seed(FLAGS.seed, "--seed")
+  check_seed(FLAGS.gen_seed, "--gen_seed")
+  if FLAGS.judge_workdir and not FLAGS.num_gen_samples:
+    raise UserError("--judge_workdir needs --num_gen_samples=N (N >= 1) samples to score")
+  if FLAGS.gen_steps is not None and not FLAGS.num_gen_samples:
+    raise UserError("--gen_steps sets the steps of generated samples; allowed: with --num_gen_samples=N (N >= 1)")
+
+
+def _load_judge(trained):
+  """The AR judge, checked against the model's tokenizer."""
+  from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
+  judge = experiment.load_trained(FLAGS.judge_workdir)
+  if judge.tokenizer.fingerprint() != trained.tokenizer.fingerprint():
+    raise UserError(f"--judge_workdir={FLAGS.judge_workdir!r} has another vocabulary ({judge.tokenizer.kind}, "
+                    f"{judge.tokenizer.vocab_size} tokens) than the model ({trained.tokenizer.kind}, "
+                    f"{trained.tokenizer.vocab_size} tokens); allowed: a judge trained with the same tokenizer")
+  experiment.ar_scorer(judge)  # refuses a diffusion judge (nothing is compiled yet)
+  return judge
+
+
+def _generated_sample_metrics(trained, config, judge=None) -> dict:
   """Unigram entropy of N samples (per sequence, averaged; and pooled) and, with a judge, their
   generative perplexity under it."""
   from diffusion_lm import api, experiment  # pylint: disable=g-import-not-at-top
@@ -80,12 +115,7 @@ def _generated_sample_metrics(trained, config) -> dict:
       "sample_entropy_bits": experiment.unigram_entropy_bits(samples),  # per sequence, mean (MDLM / ReMDM)
       "pooled_entropy_bits": experiment.pooled_unigram_entropy_bits(samples),
   }
-  if FLAGS.judge_workdir:
-    judge = experiment.load_trained(FLAGS.judge_workdir)
-    if judge.tokenizer.fingerprint() != trained.tokenizer.fingerprint():
-      raise UserError(f"judge {FLAGS.judge_workdir!r} has another vocabulary ({judge.tokenizer.kind}, "
-                      f"{judge.tokenizer.vocab_size} tokens) than the model ({trained.tokenizer.kind}, "
-                      f"{trained.tokenizer.vocab_size} tokens); allowed: a judge trained with the same tokenizer")
+  if judge is not None:
     nll = experiment.ar_scorer(judge)(samples)
     out.update({"gen_perplexity": math.exp(nll), "gen_nll_per_token": nll, "judge_workdir": FLAGS.judge_workdir,
                 "judge_step": judge.step})

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from diffusion_lm import autoregressive, checkpointing, data, diffusion, objectives, paths, sharding, tokenizers
-from diffusion_lm.errors import UserError
+from diffusion_lm.errors import UserError, check_seed
 from diffusion_lm.model import RUNTIME_FIELDS, ModelConfig, Transformer
 from diffusion_lm.schedules import Schedule
 
@@ -83,6 +83,12 @@ def check_config(config) -> None:
     raise UserError(f"optimizer.ema_decay={o.ema_decay}; allowed: 0 <= value < 1")
   if o.decay not in ("cosine", "linear", "constant"):
     raise UserError(f"optimizer.decay={o.decay!r}; allowed: cosine, linear, constant")
+  for name, value in (("seed", config.seed), ("sampling.seed", config.sampling.get("seed", 0)),
+                      ("evaluation.seed", config.evaluation.get("seed", 0))):
+    check_seed(value, name)
+  # The model's settings now, before any data is prepared or tokenizer trained (the vocabulary is not known
+  # yet: a placeholder size that any mask_token_id below it passes; the real one is checked when built).
+  model_config(config, max(2, int(config.model.get("mask_token_id", -1)) + 1))
 
 
 def schedule_from_config(config) -> Schedule:
@@ -527,6 +533,9 @@ class Trained:
 def load_trained(workdir: str, use_ema: bool = True, mesh_config=None) -> Trained:
   """Loads config, tokenizer and (EMA) params of the latest checkpoint in `workdir`."""
   paths.check_uri_support(workdir)
+  if paths.exists(workdir) and not paths.isdir(workdir):
+    raise UserError(f"workdir {workdir!r} is a file, not a folder; allowed: a workdir written by "
+                    "python -m diffusion_lm.train (or convert)")
   step, saved = checkpointing.read_saved_config(workdir)
   if step is None:
     raise UserError(f"workdir {workdir!r} holds no checkpoint; train first with "
@@ -542,11 +551,7 @@ def load_trained(workdir: str, use_ema: bool = True, mesh_config=None) -> Traine
   model = Transformer(model_config(config, tokenizer.vocab_size))
   tx, _ = make_optimizer(config)
   abstract, shardings = state_shardings(model, tx, mesh, config.data.seq_len)
-  manager = checkpointing.make_manager(workdir, read_only=True)
-  try:
-    state, _ = checkpointing.restore(manager, step, abstract)
-  finally:
-    manager.close()
+  step, state, _, _ = checkpointing.restore_latest(workdir, abstract)
   params = state.ema_params if use_ema else state.params
   return Trained(config, tokenizer, model, schedule_from_config(config), mesh, params,
                  shardings.params, step)

@@ -66,6 +66,7 @@ class MetricWriter:
         record_writer.register_writer_factory(workdir.split(":", 1)[0], _ObjectRecordWriterFactory())
         self._jsonl = _RewrittenFile(paths.join(workdir, "metrics.jsonl"))
       else:
+        _drop_cut_record(paths.join(workdir, "metrics.jsonl"))
         self._jsonl = paths.path(paths.join(workdir, "metrics.jsonl")).open("a", encoding="utf-8")
       self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
 
@@ -117,6 +118,7 @@ class _RewrittenFile:
   def __init__(self, path: str):
     self.path = path
     self.text = paths.read_text(path) if paths.exists(path) else ""
+    self.text = self.text[:self.text.rfind("\n") + 1]  # a record cut by a kill mid-upload: dropped
 
   def write(self, text: str) -> None:
     self.text += text
@@ -126,3 +128,14 @@ class _RewrittenFile:
 
   def close(self) -> None:
     self.flush()
+
+
+def _drop_cut_record(path: str) -> None:
+  """Cuts a local metrics file back to its last complete line: a kill during a write can leave half a
+  record, which the next run's records must not be glued onto."""
+  if not paths.exists(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      f.truncate(data.rfind(b"\n") + 1)

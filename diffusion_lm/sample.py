@@ -14,12 +14,13 @@
 """
 
 import json
+import os
 import sys
 
 from absl import app, flags
 
 from diffusion_lm import sampling
-from diffusion_lm.errors import UserError, cli_main, parse_flags
+from diffusion_lm.errors import UserError, check_seed, cli_main, parse_flags
 
 FLAGS = flags.FLAGS
 
@@ -101,7 +102,10 @@ def main(argv):
     raise UserError("--workdir is required: the training workdir to sample from")
   if FLAGS.num_samples < 1:
     raise UserError(f"--num_samples={FLAGS.num_samples}; allowed: an integer >= 1")
-  from diffusion_lm import api, experiment, visualize  # pylint: disable=g-import-not-at-top
+  check_seed(FLAGS.seed, "--seed")
+  from diffusion_lm import api, experiment, paths, visualize  # pylint: disable=g-import-not-at-top
+  if FLAGS.html and (paths.isdir(FLAGS.html) or (not paths.is_uri(FLAGS.html) and FLAGS.html.endswith(os.sep))):
+    raise UserError(f"--html={FLAGS.html} is a directory; allowed: the path of an .html file to write")
   trained = experiment.load_trained(FLAGS.workdir, use_ema=not FLAGS.raw_params)
   model_config = trained.model.config
   if FLAGS.chat:
@@ -123,8 +127,6 @@ def main(argv):
   meta = gen.describe()
   if FLAGS.show:
     visualize.show_in_terminal(trained.tokenizer, tokens, out.trajectory)
-  if FLAGS.html:
-    visualize.write_html(FLAGS.html, trained.tokenizer, tokens, out.trajectory, meta)
   if FLAGS.json:
     for i, text in enumerate(texts):
       print(json.dumps({"index": i, "text": text, "length": int(out.lengths[i]),
@@ -135,7 +137,12 @@ def main(argv):
       notes = [f"{int(out.lengths[i])} tokens"] if cached else []
       notes += [f"{int(out.steps_used[i])} steps"] if cfg.name == "threshold" else []
       print(f"--- sample {i}{' (' + ', '.join(notes) + ')' if notes else ''} ---\n{text}", flush=True)
-  if FLAGS.html:
+  if FLAGS.html:  # after the samples are printed: a page that cannot be written loses nothing else
+    try:
+      visualize.write_html(FLAGS.html, trained.tokenizer, tokens, out.trajectory, meta)
+    except OSError as e:
+      raise UserError(f"--html={FLAGS.html}: cannot write the page ({e.strerror or e}); allowed: a file path in a "
+                      "writable folder") from None
     print(f"# wrote {FLAGS.html}", flush=True)
   sys.stdout.flush()
 

@@ -344,7 +344,23 @@ def save_tokenizer(tokenizer, directory: str) -> str:
 
 
 def load_tokenizer(directory: str):
-  """Loads the tokenizer saved in `directory`; None if there is none."""
+  """Loads the tokenizer saved in `directory`; None if there is none; UserError naming the file when it
+  is damaged (truncated, overwritten)."""
+  try:
+    return _load_tokenizer(directory)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (json, tokenizers and sentencepiece raise many kinds)
+    files = [paths.join(directory, name) for name in (TOKENIZER_FILES["char"], HF_CONFIG_FILE,
+                                                       TOKENIZER_FILES["sentencepiece"]) if paths.exists(
+                                                           paths.join(directory, name))]
+    reason = " ".join(str(e).split())[:160]
+    raise UserError(f"the tokenizer in {directory!r} does not load ({type(e).__name__}: {reason}; files: "
+                    f"{', '.join(files)}); allowed: an intact tokenizer file (copy it from a backup or the "
+                    "workdir it came from)") from None
+
+
+def _load_tokenizer(directory: str):
   json_path = paths.join(directory, TOKENIZER_FILES["char"])  # char and hf kinds
   sp_path = paths.join(directory, TOKENIZER_FILES["sentencepiece"])
   if paths.exists(json_path):

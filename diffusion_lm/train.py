@@ -16,7 +16,7 @@ import jax
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from diffusion_lm import checkpointing, experiment, paths, sharding
+from diffusion_lm import checkpointing, experiment, lease, paths, sharding
 from diffusion_lm.errors import UserError, cli_main, parse_flags
 from diffusion_lm.metrics import MetricWriter
 from diffusion_lm.profiling import StepProfiler
@@ -60,7 +60,14 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
       paths.check_uri_support(where)
   workdir = paths.resolve(workdir)  # a gs:// workdir stays one (never made a local folder)
   _check_writable(workdir)
+  with lease.held(workdir, "train") as writer_lease:  # one writer per workdir (see lease.py)
+    return _train(config, workdir, stop_after, writer_lease)
+
+
+def _train(config, workdir: str, stop_after, writer_lease) -> dict:
   saved_step, saved_config = checkpointing.read_saved_config(workdir)
+  if saved_step is not None and saved_step > config.training.num_steps:  # before any data is prepared
+    _check_reached(saved_step, config.training.num_steps, workdir)
 
   # ------------------------------------------------------------------ mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -86,12 +93,19 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   schedule = experiment.schedule_from_config(config)
   tx, lr_schedule = experiment.make_optimizer(config)
   abstract_state, shardings = experiment.state_shardings(model, tx, mesh, config.data.seq_len)
-  manager = checkpointing.make_manager(workdir, t.checkpoint_every, t.keep_checkpoints)
   config_dict = {**experiment.config_to_dict(config), "vocab_size": tokenizer.vocab_size}
   if saved_step is not None:
-    state, data_state = checkpointing.restore(manager, saved_step, abstract_state)
+    # The newest checkpoint that restores whole; damaged newer ones are moved aside before the manager
+    # that will save over their steps opens.
+    saved_step, state, data_state, damaged = checkpointing.restore_latest(workdir, abstract_state)
+    checkpointing.quarantine(workdir, damaged)
+    paths.sync("diffusion_lm:quarantine")
+  manager = checkpointing.make_manager(workdir, t.checkpoint_every, t.keep_checkpoints)
+  if saved_step is not None:
     data_iter.set_state(data_state)
-    _log(f"resumed from checkpoint step {saved_step} in {workdir}")
+    _log(f"resumed from checkpoint step {saved_step} in {workdir}"
+         + (f" (damaged: step {', '.join(str(d.step) for d in damaged)}, moved to "
+            f"{paths.join(workdir, 'damaged_checkpoints')})" if damaged else ""))
   else:
     state = experiment.init_state(model, tx, mesh, jax.random.key(config.seed), config.data.seq_len,
                                   shardings)
@@ -101,6 +115,10 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     if jax.process_index() == 0:
       paths.write_bytes(paths.join(workdir, "config.json"), json.dumps(config_dict, indent=2).encode())
   start_step = int(state.step)
+  _check_reached(start_step, t.num_steps, workdir)
+  if start_step == t.num_steps and saved_step is not None:
+    _log(f"the checkpoint already reaches training.num_steps={t.num_steps}; nothing to train (a larger "
+         "--config.training.num_steps trains further)")
   _log(f"model: {experiment.param_count(state.params):,} parameters, vocab {tokenizer.vocab_size} "
        f"({tokenizer.kind}), mesh {dict(mesh.shape)}, {train_windows.__len__():,} train sequences of "
        f"{config.data.seq_len} tokens")
@@ -170,6 +188,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     try:
       for step in range(start_step, t.num_steps):
+        writer_lease.check()
         rows = next(data_iter)
         batch = sharding.global_batch_from_local(rows, mesh)
         profiler.before_step(step + 1)
@@ -224,8 +243,16 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   return last
 
 
+def _check_reached(step: int, num_steps: int, workdir: str) -> None:
+  if step > num_steps:
+    raise UserError(f"training.num_steps={num_steps} is below the step {step} that the workdir {workdir!r} has "
+                    f"reached; allowed: num_steps >= {step} (a larger value trains further)")
+
+
 def _check_writable(workdir: str) -> None:
   """Fails early, in one line, when the workdir cannot be created or written."""
+  if paths.exists(workdir) and not paths.isdir(workdir):
+    raise UserError(f"workdir {workdir!r} is a file, not a folder; allowed: a new or existing folder")
   try:
     probe = paths.join(workdir, f".write-probe-{jax.process_index()}-{os.getpid()}")
     paths.write_bytes(probe, b"ok")

@@ -80,7 +80,55 @@ CASES = [
     ("infill-without-mask", "sample", ["--workdir={trained}", "--infill=no holes"], "has no [MASK] or [MASK*n]"),
     ("diffusion-judge", "evaluate", ["--workdir={trained}", "--judge_workdir={trained}", "--num_gen_samples=2"],
      "the judge holds a diffusion model"),
+    # Issue 23: what used to end in a traceback or silently did something else.
+    ("config-syntax-error", "train", ["--config={tmp}/syntax_error.py"],
+     "syntax_error.py: Python syntax error at line 1"),
+    ("config-without-get_config", "train", ["--config={tmp}/no_get_config.py"], "the file defines no get_config()"),
+    ("unknown-config-group", "train", TINY + ["--config.modell.x=3"],
+     "unknown config key '--config.modell.x'; did you mean 'model'?"),
+    ("unused-config-argument", "train", ["--config=configs/tiny.py:foo"], "config argument 'foo'"),
+    ("seed-above-32-bits", "train", TINY + ["--config.seed=4294967296"],
+     "seed=4294967296; allowed: an integer from 0 to 4294967295"),
+    ("num-steps-below-checkpoint", "train", TINY + ["--workdir={trained}", "--config.training.num_steps=2"],
+     "training.num_steps=2 is below the step 6"),
+    ("workdir-is-a-file", "sample", ["--workdir={tmp}/a_file"], "is a file, not a folder"),
+    ("sample-seed-above-32-bits", "sample", ["--workdir={trained}", "--seed=4294967296"], "--seed=4294967296; allowed"),
+    ("malformed-infill-hole", "sample", ["--workdir={trained}", "--infill=ab [MASK*x] cd [MASK*3] ef"],
+     "infill hole '[MASK*x]' is malformed"),
+    ("html-is-a-folder", "sample", ["--workdir={trained}", "--html={tmp}"], "is a directory"),
+    ("damaged-tokenizer", "sample", ["--workdir={damaged_tokenizer}"], "does not load (JSONDecodeError"),
+    ("distill-misspelled-key", "distill", ["--teacher_workdir={trained}", "--workdir={tmp}/student",
+                                           "--config.distill.factr=2"],
+     "unknown config key '--config.distill.factr'; did you mean 'factor'?"),
+    ("evaluate-flag-names", "evaluate", ["--workdir={trained}", "--num_gen_samples=2", "--gen_steps=0"],
+     "--gen_steps=0; allowed: an integer >= 1"),
+    ("bench-list-flag", "bench", ["--workdir={trained}", "--batches=abc"], "--batches=abc: 'abc' is not an integer"),
+    ("convert-invalid-config-json", "convert", ["--from_hf={hf:bad_json}", "--workdir={tmp}/converted"],
+     "config.json' does not read as JSON"),
+    ("convert-truncated-safetensors", "convert", ["--from_hf={hf:truncated}", "--workdir={tmp}/converted"],
+     "does not read as safetensors"),
+    ("convert-shapes-disagree", "convert", ["--from_hf={hf:wider_mlp}", "--workdir={tmp}/converted"],
+     "do not match the model that config.json describes"),
 ]
+
+
+def _hf_folder(tmp_path, kind):
+  """A copy of the tiny LLaMA fixture, damaged as `kind` says."""
+  folder = str(tmp_path / f"hf_{kind}")
+  shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "hf", "llama"), folder)
+  config_path = os.path.join(folder, "config.json")
+  if kind == "bad_json":
+    with open(config_path, "w") as f:
+      f.write("{not json")
+  elif kind == "truncated":
+    shard = os.path.join(folder, "model-00001-of-00002.safetensors")
+    os.truncate(shard, os.path.getsize(shard) // 2)
+  elif kind == "wider_mlp":
+    config = json.load(open(config_path))
+    config["intermediate_size"] *= 2
+    with open(config_path, "w") as f:
+      json.dump(config, f)
+  return folder
 
 
 def _snapshot(path):
@@ -100,15 +148,31 @@ def swapped_workdir(trained_workdir, tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope="module")
+def damaged_tokenizer_workdir(trained_workdir, tmp_path_factory):
+  """A copy of the trained run whose tokenizer.json was cut in half."""
+  path = str(tmp_path_factory.mktemp("damaged_tokenizer") / "run")
+  shutil.copytree(trained_workdir, path)
+  tokenizer = os.path.join(path, "tokenizer.json")
+  os.truncate(tokenizer, os.path.getsize(tokenizer) // 2)
+  return path
+
+
 @pytest.mark.parametrize("case, module, args, expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(case, module, args, expected, tmp_path, trained_workdir, swapped_workdir, data_cache):
+def test_bad_input(case, module, args, expected, tmp_path, trained_workdir, swapped_workdir, damaged_tokenizer_workdir,
+                   data_cache):
   os.makedirs(tmp_path / "empty", exist_ok=True)
+  (tmp_path / "syntax_error.py").write_text("def get_config(:\n")
+  (tmp_path / "no_get_config.py").write_text("import ml_collections\nCONFIG = ml_collections.ConfigDict()\n")
+  (tmp_path / "a_file").write_text("not a workdir")
   filled = []
   for a in args:
     for kind in ("empty", "binary", "latin1"):
       a = a.replace("{corpus:%s}" % kind, _corpus(tmp_path, kind)) if "{corpus:%s}" % kind in a else a
+    for kind in ("bad_json", "truncated", "wider_mlp"):
+      a = a.replace("{hf:%s}" % kind, _hf_folder(tmp_path, kind)) if "{hf:%s}" % kind in a else a
     filled.append(a.replace("{tmp}", str(tmp_path)).replace("{trained}", trained_workdir)
-                  .replace("{swapped}", swapped_workdir))
+                  .replace("{swapped}", swapped_workdir).replace("{damaged_tokenizer}", damaged_tokenizer_workdir))
   if module == "train" and not any(a.startswith("--workdir=") for a in filled):
     filled.append(f"--workdir={tmp_path / 'run'}")
   if module == "train":

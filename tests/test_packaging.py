@@ -38,7 +38,7 @@ def test_config_path_falls_back_to_the_shipped_configs(tmp_path, monkeypatch):
 def test_cli_reads_a_shipped_config_from_another_folder(tmp_path):
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
   # The override names a key the config lacks, so the run stops right after the config file was read.
-  out = subprocess.run([sys.executable, "-m", "diffusion_lm.train", "--config", "configs/tiny.py:arg",
+  out = subprocess.run([sys.executable, "-m", "diffusion_lm.train", "--config", "configs/demo_block.py:8",
                         f"--workdir={tmp_path / 'run'}", "--config.training.no_such_key=1"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 2 and "unknown config key '--config.training.no_such_key'" in out.stderr, out.stderr

@@ -74,7 +74,13 @@ def import_hf(folder: str, workdir: str, max_len: int = 0, seq_len: int = 128) -
   tensors = io.read_safetensors(folder)
   if cfg.tie_embeddings:
     tensors.pop("lm_head.weight", None)
-  params = family.params_from(tensors, cfg)
+  try:
+    params = family.params_from(tensors, cfg)
+  except ValueError as e:  # a reshape of a tensor whose size config.json does not predict
+    if isinstance(e, UserError):
+      raise
+    raise UserError(f"the tensors in {folder!r} do not fit its config.json ({' '.join(str(e).split())[:200]}); "
+                    "allowed: the config.json that came with these safetensors") from None
   tokenizer = io.hf_tokenizer(folder, cfg.vocab_size, ids["eos_id"], ids["mask_id"])
   sampling = generation_config.sampling_defaults(folder, family.NAME) if objective == "diffusion" else {}
   io.write_workdir(workdir, fields, objective, tokenizer, params, seq_len, getattr(family, "DATA", None), sampling)

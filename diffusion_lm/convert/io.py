@@ -31,17 +31,28 @@ def read_hf_config(folder: str) -> dict:
   if not os.path.isfile(path):
     raise UserError(f"--from_hf={folder!r} has no config.json; allowed: a local Hugging Face checkpoint folder "
                     "(config.json, *.safetensors, tokenizer.json)")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      hf = json.load(f)
+  except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError, unreadable
+    raise UserError(f"{path!r} does not read as JSON ({' '.join(str(e).split())}); allowed: the config.json of a "
+                    "Hugging Face checkpoint") from None
+  if not isinstance(hf, dict):
+    raise UserError(f"{path!r} holds a {type(hf).__name__}, not an object; allowed: the config.json of a Hugging "
+                    "Face checkpoint")
+  return hf
 
 
 def read_safetensors(folder: str) -> dict[str, np.ndarray]:
   """Every tensor of the folder's checkpoint as float32 numpy arrays (bfloat16/float16 widened)."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   index = os.path.join(folder, "model.safetensors.index.json")
   if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+    try:
+      with open(index, encoding="utf-8") as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+      raise UserError(f"{index!r} does not read as a safetensors index ({type(e).__name__}: {e}); allowed: a JSON "
+                      "object whose weight_map maps tensor names to shard files") from None
   elif os.path.isfile(os.path.join(folder, "model.safetensors")):
     files = ["model.safetensors"]
   else:
@@ -54,13 +65,26 @@ def read_safetensors(folder: str) -> dict[str, np.ndarray]:
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
       raise UserError(f"{path!r} is listed by model.safetensors.index.json but missing; allowed: the complete folder")
-    with safe_open(path, framework="np") as f:
-      for key in f.keys():
-        if f.get_slice(key).get_dtype() == "BF16":  # numpy has no bfloat16: read through jax
-          with safe_open(path, framework="flax") as g:
-            tensors[key] = np.asarray(g.get_tensor(key).astype(jnp.float32))
-        else:
-          tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+    try:
+      tensors.update(_read_safetensors_file(path))
+    except (UserError, MemoryError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own SafetensorError, OSError...)
+      raise UserError(f"{path!r} does not read as safetensors ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+                      "allowed: an intact file (a truncated or interrupted download: fetch it again)") from None
+  return tensors
+
+
+def _read_safetensors_file(path: str) -> dict[str, np.ndarray]:
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  tensors = {}
+  with safe_open(path, framework="np") as f:
+    for key in f.keys():
+      if f.get_slice(key).get_dtype() == "BF16":  # numpy has no bfloat16: read through jax
+        with safe_open(path, framework="flax") as g:
+          tensors[key] = np.asarray(g.get_tensor(key).astype(jnp.float32))
+      else:
+        tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
   return tensors
 
 
@@ -147,8 +171,9 @@ def check_tree(params, model: Transformer, seq_len: int) -> None:
     missing = sorted(set(expected) - set(got))[:3]
     extra = sorted(set(got) - set(expected))[:3]
     shapes = [(k, got[k], expected[k]) for k in sorted(set(got) & set(expected)) if got[k] != expected[k]][:3]
-    raise ValueError(f"converted parameters do not match the model: missing {missing}, extra {extra}, "
-                     f"shapes (name, got, expected) {shapes}")
+    raise UserError(f"converted parameters do not match the model that config.json describes: missing {missing}, "
+                    f"extra {extra}, shapes (name, got, expected) {shapes}; allowed: the config.json that came with "
+                    "these safetensors")
 
 
 def _default_config():

@@ -7,6 +7,7 @@ import numpy as np
 from diffusion_lm.errors import UserError
 
 _MASK_RUN = re.compile(r"\[MASK(?:\*(\d+))?\]")
+_MASK_LIKE = re.compile(r"\[\s*mask\b[^\]]*\]", re.IGNORECASE)  # whatever a user may have meant as a hole
 
 
 def template_tokens(tokenizer, seq_len: int, prompt: str = "", suffix: str = "", infill: str = ""):
@@ -20,6 +21,10 @@ def template_tokens(tokenizer, seq_len: int, prompt: str = "", suffix: str = "",
     raise UserError("--infill already gives the whole sequence; allowed: --infill alone, or --prompt/--suffix")
   row = np.full((seq_len,), tokenizer.mask_id, np.int32)
   if infill:
+    for m in _MASK_LIKE.finditer(infill):  # a mistyped hole would otherwise be kept as literal text
+      if not _MASK_RUN.fullmatch(m.group(0)):
+        raise UserError(f"infill hole {m.group(0)!r} is malformed; allowed: [MASK] or [MASK*n] with n an integer "
+                        ">= 1, in capitals")
     if not _MASK_RUN.search(infill):
       raise UserError(f"infill text {infill[:40]!r} has no [MASK] or [MASK*n]; allowed: text with at least one")
     ids, pos = [], 0
