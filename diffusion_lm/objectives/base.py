@@ -103,6 +103,12 @@ class Objective:
     """(nats_B, num_masked_B): the per-sequence training loss in nats (a bound or the exact NLL)."""
     raise NotImplementedError
 
+  def scored_positions(self, tokens_BxL):
+    """float32[B]: the positions of each row the loss and the per-token figures count, or None when every
+    position counts (then per-token figures divide by the row length). Prompted objectives count only
+    their response positions."""
+    return None
+
   def noise(self, model, tokens_BxL, key, *, schedule: Schedule, mask_id: int, bos_id: int, **extra):
     """The loss's random draws for the whole batch as a dict of arrays leading with B (the same draws
     `loss` makes), or None when the loss does not split by rows. With them, row_losses of any subset of
