@@ -138,6 +138,8 @@ def get_config(arg=None):
   smp.remask_t_off = 0.0  # (the paper's OWT loop: t_on 0.55, t_off 0.05, alpha_on 0.9, eta 0.02)
   smp.remask_alpha_on = 0.9  # remdm loop: alpha held inside the window
   smp.guidance = 0.0  # classifier-free guidance weight on given tokens (0 = off)
+  smp.final_step = "auto"  # ancestral/remdm: argmax (MDLM/ReMDM noise removal) | sample; auto: argmax, sample in blocks
+  smp.top_p_rule = "auto"  # within (ReMDM/BD3-LM) | reach (transformers); auto: within for ancestral/remdm
   smp.num_samples = 4  # samples printed during training
   smp.prompt = ""  # prefix held fixed in training-time samples
   smp.seed = 0  # seed of training-time samples (the same every time, to watch progress)

@@ -12,6 +12,8 @@ L' = L is masked diffusion exactly; L' = 1 is, in expectation over t, the autore
 the same network (each token predicted from a [MASK] at its own position and the clean tokens before).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -128,5 +130,10 @@ class BlockDiffusion(Objective):
 
   def generate(self, model, params, key, tokens_BxL, example_ids_B, cfg, *, schedule, mask_id, bos_id, eos_id,
                return_trajectory=False):
+    if cfg.guidance > 0:
+      raise UserError(f"guidance={cfg.guidance} for a block-diffusion model; allowed: 0 (block decoding has no "
+                      "unconditional pass)")
+    if cfg.final_step == "auto":  # BD3-LM's block sampler has no final argmax pass
+      cfg = dataclasses.replace(cfg, final_step="sample")
     return block_decode.sample(model, params, key, tokens_BxL, example_ids_B, cfg, schedule=schedule,
                                mask_id=mask_id, eos_id=eos_id, return_trajectory=return_trajectory)
