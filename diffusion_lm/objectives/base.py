@@ -5,6 +5,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from diffusion_lm.errors import UserError
 from diffusion_lm.samplers import SampleOutput, SamplerConfig, SplitDenoiser
 from diffusion_lm.schedules import Schedule
 
@@ -82,6 +83,14 @@ def bind_split(model, params) -> SplitDenoiser:
   logits_at = lambda h, tokens, t, positions: rows_in_pieces(
       lambda hh, x, tt, pos: apply(x, tt, trunk=hh, outputs_at=pos), h, tokens, t, positions, width=width)
   return SplitDenoiser(trunk=trunk, logits_at=logits_at)
+
+
+def check_learned_positions(model_config, length: int) -> None:
+  """A learned position table (model.position='learned', GPT-2) has max_len rows: cached decoding, which may
+  otherwise slide past max_len, cannot go beyond them."""
+  if model_config.position == "learned" and length > model_config.max_len:
+    raise UserError(f"sequence length {length} with model.position='learned'; allowed: at most the model's "
+                    f"max_len={model_config.max_len} (a learned position table has no rows past it)")
 
 
 class Objective:

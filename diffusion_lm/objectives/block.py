@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from diffusion_lm import diffusion
 from diffusion_lm.errors import UserError
-from diffusion_lm.objectives.base import Objective, bind
+from diffusion_lm.objectives.base import Objective, bind, check_learned_positions
 from diffusion_lm.objectives.diffusion import stratified_times
 from diffusion_lm.samplers import block_decode
 
@@ -130,6 +130,7 @@ class BlockDiffusion(Objective):
 
   def generate(self, model, params, key, tokens_BxL, example_ids_B, cfg, *, schedule, mask_id, bos_id, eos_id,
                return_trajectory=False):
+    check_learned_positions(model.config, tokens_BxL.shape[1])
     if cfg.guidance > 0:
       raise UserError(f"guidance={cfg.guidance} for a block-diffusion model; allowed: 0 (block decoding has no "
                       "unconditional pass)")
