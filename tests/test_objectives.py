@@ -203,3 +203,37 @@ def test_objectives_registry():
   assert objectives.of_model(ModelConfig(vocab_size=5, block_size=4)).name == "block"
   assert objectives.of_model(ModelConfig(vocab_size=5, causal=True)).name == "ar"
   assert objectives.of_model(ModelConfig(vocab_size=5)).name == "diffusion"
+
+
+def test_committing_a_block_gives_the_logits_of_the_block_causal_forward():
+  """The forward that commits finished block 0 and starts block 1 ([block 0 | block 1], commit=4) must give
+  block 1 the logits of the uncached block-causal forward, and keep block 0's keys/values as block 0 alone
+  computes them: the finished block never sees the noisy block beside it (a leak moves block 1's logits by
+  about 1e-4). Block 2's logits against the cache check what was kept."""
+  model, params = tiny(4)
+  x = TOKENS[:2, :12].at[:, 5:7].set(MASK).at[:, 8:12].set(MASK)
+  attend = lambda n: jnp.asarray((np.arange(n) // 4)[None, :] <= (np.arange(n) // 4)[:, None])
+  reference = model.apply({"params": params}, x, None, positions_L=jnp.arange(12), mask_QxK=attend(12))
+  _, variables = model.apply({"params": params}, x[:, :4], decode=True, mutable=["cache"])
+  logits0 = model.apply({"params": params, **variables}, x[:, :4], None, decode=True, commit=False)
+  logits01, updated = model.apply({"params": params, **variables}, x[:, :8], None, decode=True, commit=4,
+                                  mutable=["cache"])
+  _, updated = model.apply({"params": params, **updated}, x[:, 4:12], None, decode=True, commit=4, mutable=["cache"])
+  logits2 = model.apply({"params": params, **updated}, x[:, 8:12], None, decode=True, commit=False)
+  np.testing.assert_allclose(logits0, reference[:, :4], atol=1e-5)
+  np.testing.assert_allclose(logits01[:, 4:], reference[:, 4:8], atol=1e-5)
+  np.testing.assert_allclose(logits2, reference[:, 8:12], atol=1e-5)
+
+
+def test_every_block_of_a_row_draws_its_own_time():
+  """One time per block slot, stratified over all B x N slots: within a row the blocks' times differ, and
+  the B x N times fall one in each of B x N equal strata of [T_MIN, 1] (t read back from w(t) = 1/t)."""
+  batch, blocks = 8, 4
+  tokens = jnp.zeros((batch, blocks * 4), jnp.int32)
+  for seed in range(3):
+    noise = objectives.block.block_noise(tokens, jax.random.key(seed), Schedule("linear"), MASK, 4)
+    t_BxN = 1.0 / np.asarray(noise["weight"], np.float64)
+    assert t_BxN.shape == (batch, blocks)
+    assert all(len(set(np.round(row, 6))) == blocks for row in t_BxN)
+    strata = np.floor((t_BxN - diffusion.T_MIN) / (1 - diffusion.T_MIN) * batch * blocks).astype(int)
+    assert sorted(strata.ravel().tolist()) == list(range(batch * blocks))
