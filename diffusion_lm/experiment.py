@@ -254,7 +254,7 @@ def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_
   seq_len = tokens_BxL.shape[1]
   # Attention-mask annealing (AR -> diffusion adaptation, training.attention_anneal_steps): the share of
   # future positions each position may see grows linearly from causal to fully bidirectional.
-  extra = {"visible_future": jnp.minimum((state.step + 1) / anneal_steps, 1.0)} if anneal_steps else {}
+  extra = {"visible_future": visible_future_share(state.step, anneal_steps)} if anneal_steps else {}
 
   obj = objectives.get(objective)
   scored_B = obj.scored_positions(tokens_BxL)  # None: every position (sft: the response positions)
@@ -280,6 +280,13 @@ def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_
       "finite": finite.astype(jnp.float32),
   }
   return new_state, metrics
+
+
+def visible_future_share(step, anneal_steps: int):
+  """The share of later positions each position sees at optimizer step `step` (0-based) of attention-mask
+  annealing: (step + 1) / anneal_steps, growing from near-causal to 1 (bidirectional) at the last
+  annealing step and after."""
+  return jnp.minimum((step + 1) / anneal_steps, 1.0)
 
 
 def per_token_loss(loss_B, scored_B, seq_len: int, batch: int):
