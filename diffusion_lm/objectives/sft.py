@@ -26,7 +26,7 @@ class PromptedDiffusion(MaskedDiffusion):
     return diffusion.split_prompt(tokens_BxL)
 
   def scored_positions(self, tokens_BxL):
-    return jnp.sum(tokens_BxL >= 0, axis=-1).astype(jnp.float32)
+    return jnp.sum(~self.split(tokens_BxL)[1], axis=-1).astype(jnp.float32)
 
   def noise(self, model, tokens_BxL, key, *, schedule, mask_id, bos_id, visible_future=None):
     rows = super().noise(model, tokens_BxL, key, schedule=schedule, mask_id=mask_id, bos_id=bos_id,
