@@ -34,6 +34,9 @@ def get_config(arg=None):
   # each window = end-of-document id + seq_len - 2 tokens + end-of-document id (MDLM / BD3-LM wrapped data);
   # False: seq_len tokens of the stream
   data.frame_windows = False
+  # with frame_windows, masked and block diffusion: position 0 (always the frame id) is never masked and is left
+  # out of evaluation's per-token average (BD3-LM's ignore_bos); False scores it as any other position
+  data.ignore_bos = True
   data.train_split = "train"  # split to train on (and to train the tokenizer on)
   data.eval_split = "validation"  # split for the validation ELBO
   data.validation_percent = 5.0  # local text: share of passages held out for validation

@@ -142,7 +142,7 @@ def evaluate(trained, workdir: str, *, split: str | None = None, max_batches: in
     windows, _ = experiment.load_windows(config, workdir, trained.tokenizer, split)
     cache[key] = windows, experiment.Evaluator(trained.model, trained.schedule, trained.tokenizer.mask_id,
                                                trained.mesh, trained.param_shardings, eval_config, config.objective,
-                                               trained.tokenizer.eos_id)
+                                               trained.tokenizer.eos_id, ignore_bos=experiment.ignores_bos(config))
   windows, evaluator = cache[key]
   result = evaluator(trained.params, windows)
   return {

@@ -40,6 +40,8 @@ def check_config(config) -> None:
   if not isinstance(anneal, int) or anneal < 0 or (anneal and objective.name not in ("diffusion", "sft")):
     raise UserError(f"training.attention_anneal_steps={anneal!r} with objective={objective.name!r}; allowed: 0, or an "
                     "integer >= 1 with a masked diffusion objective (diffusion, sft)")
+  if not isinstance(config.data.get("ignore_bos", False), bool):
+    raise UserError(f"data.ignore_bos={config.data.ignore_bos!r}; allowed: True, False")
   if config.data.source == "jsonl" and objective.name != "sft":
     raise UserError(f"data.source='jsonl' with objective={objective.name!r}; allowed: objective='sft' (prompt/response "
                     "pairs)")
@@ -65,6 +67,14 @@ def check_config(config) -> None:
     raise UserError(f"optimizer.ema_decay={o.ema_decay}; allowed: 0 <= value < 1")
   if o.decay not in ("cosine", "linear", "constant"):
     raise UserError(f"optimizer.decay={o.decay!r}; allowed: cosine, linear, constant")
+
+
+def ignores_bos(config) -> bool:
+  """BD3-LM's ignore_bos (data.ignore_bos): on framed windows (data.frame_windows), whose position 0 is always
+  the frame id, masked and block diffusion never mask position 0 in training and leave it out of the
+  evaluation's per-token average. Workdirs from before the setting keep scoring it."""
+  return bool(config.data.get("ignore_bos", False) and config.data.get("frame_windows", False)
+              and config.objective in ("diffusion", "block"))
 
 
 def schedule_from_config(config) -> Schedule:
@@ -241,7 +251,7 @@ def sequence_loss(params, tokens_BxL, key, *, model, schedule, mask_id, objectiv
 
 
 def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_id, ema_decay,
-               objective="diffusion", bos_id=0, anneal_steps=0, microbatches=1):
+               objective="diffusion", bos_id=0, anneal_steps=0, microbatches=1, ignore_bos=False):
   """One optimizer step; a non-finite loss or gradient leaves the state unchanged.
 
   Metrics (float32 scalars): loss (nats per token), bits_per_token, grad_norm, param_norm, mask_rate,
@@ -255,6 +265,8 @@ def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_
   # Attention-mask annealing (AR -> diffusion adaptation, training.attention_anneal_steps): the share of
   # future positions each position may see grows linearly from causal to fully bidirectional.
   extra = {"visible_future": visible_future_share(state.step, anneal_steps)} if anneal_steps else {}
+  if ignore_bos:  # position 0 (the frame id) never masked (see ignores_bos)
+    extra["ignore_bos"] = True
 
   obj = objectives.get(objective)
   scored_B = obj.scored_positions(tokens_BxL)  # None: every position (sft: the response positions)
@@ -371,13 +383,13 @@ def jit_train_step(config, model, tx, mesh, shardings, mask_id: int, bos_id: int
       functools.partial(train_step, model=model, tx=tx, schedule=schedule_from_config(config), mask_id=mask_id,
                         ema_decay=config.optimizer.ema_decay, objective=config.objective, bos_id=bos_id,
                         anneal_steps=int(config.training.get("attention_anneal_steps", 0)),
-                        microbatches=microbatch_count(config, mesh)),
+                        microbatches=microbatch_count(config, mesh), ignore_bos=ignores_bos(config)),
       in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
       out_shardings=(shardings, replicated), donate_argnums=0)
 
 
 def eval_step(params, tokens_BxL, valid_B, key, *, model, schedule, mask_id, num_t_samples,
-              objective="diffusion", bos_id=0, discrete_steps=0):
+              objective="diffusion", bos_id=0, discrete_steps=0, ignore_bos=False):
   """Summed bounds (nats) over the valid rows, and their token count.
 
   Returns {"nats": the objective's bound (ar: exact NLL), "nats_discrete": the T-step bound (masked
@@ -386,8 +398,9 @@ def eval_step(params, tokens_BxL, valid_B, key, *, model, schedule, mask_id, num
   valid = valid_B.astype(jnp.float32)
   per_row = objectives.get(objective).eval_nats(model, params, tokens_BxL, key, schedule=schedule, mask_id=mask_id,
                                                 bos_id=bos_id, num_t_samples=num_t_samples,
-                                                discrete_steps=discrete_steps)
-  scored_B = per_row.pop("scored", None)  # sft: the response positions only
+                                                discrete_steps=discrete_steps,
+                                                **({"ignore_bos": True} if ignore_bos else {}))
+  scored_B = per_row.pop("scored", None)  # sft: the response positions; ignore_bos: all but position 0
   tokens = jnp.sum(valid) * tokens_BxL.shape[1] if scored_B is None else jnp.sum(valid * scored_B)
   return {**{name: jnp.sum(nats_B * valid) for name, nats_B in per_row.items()}, "tokens": tokens}
 
@@ -401,7 +414,7 @@ class Evaluator:
   """
 
   def __init__(self, model, schedule, mask_id, mesh, param_shardings, eval_config, objective="diffusion",
-               bos_id=0):
+               bos_id=0, ignore_bos=False):
     self.objective = objective
     self.discrete_steps = int(eval_config.get("discrete_steps", 0)) if objective == "diffusion" else 0
     if eval_config.batch_size % sharding.data_parallel_size(mesh):
@@ -417,7 +430,7 @@ class Evaluator:
     self._step = jax.jit(
         functools.partial(eval_step, model=model, schedule=schedule, mask_id=mask_id,
                           num_t_samples=eval_config.num_t_samples, objective=objective, bos_id=bos_id,
-                          discrete_steps=self.discrete_steps),
+                          discrete_steps=self.discrete_steps, ignore_bos=ignore_bos),
         in_shardings=(param_shardings, sharding.batch_sharding(mesh), sharding.batch_sharding(mesh), replicated),
         out_shardings=replicated)
 

@@ -107,7 +107,8 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   # ------------------------------------------------------------------ compiled steps
   step_fn = experiment.jit_train_step(config, model, tx, mesh, shardings, tokenizer.mask_id, tokenizer.eos_id)
   evaluator = experiment.Evaluator(model, schedule, tokenizer.mask_id, mesh, shardings.params,
-                                   config.evaluation, config.objective, tokenizer.eos_id)
+                                   config.evaluation, config.objective, tokenizer.eos_id,
+                                   ignore_bos=experiment.ignores_bos(config))
   generator = None
   if t.sample_every:
     generator = Generator(model, schedule, tokenizer, mesh, shardings.params,

@@ -237,3 +237,45 @@ def test_every_block_of_a_row_draws_its_own_time():
     assert all(len(set(np.round(row, 6))) == blocks for row in t_BxN)
     strata = np.floor((t_BxN - diffusion.T_MIN) / (1 - diffusion.T_MIN) * batch * blocks).astype(int)
     assert sorted(strata.ravel().tolist()) == list(range(batch * blocks))
+
+
+class _Uniform:
+  """A denoiser giving every token the same logit: its ELBO is log VOCAB nats per scored position."""
+  config = type("C", (), {"d_model": 8, "time_conditioning": False, "block_size": 4})
+
+  def apply(self, variables, tokens, t=None, **kwargs):
+    return jnp.zeros(tokens.shape + (VOCAB,), jnp.float32)
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "block"])
+def test_ignore_bos_never_masks_position_0_and_drops_it_from_the_average(objective):
+  """BD3-LM's ignore_bos on framed windows: position 0 is held clean in training draws, and evaluation
+  averages over the other L - 1 positions (a uniform denoiser: log V per counted position either way)."""
+  from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
+  batch = 256
+  rows = jax.random.randint(jax.random.key(0), (batch, L), 0, VOCAB).at[:, 0].set(3)
+  noise = objectives.get(objective).noise(_Uniform(), rows, jax.random.key(1), schedule=Schedule("linear"),
+                                          mask_id=MASK, bos_id=3, ignore_bos=True)
+  assert not np.asarray(noise["is_masked"])[:, 0].any() and (np.asarray(noise["noisy"])[:, 0] == 3).all()
+  assert np.asarray(noise["is_masked"])[:, 1:].mean() > 0.3
+  for ignore, counted in ((True, L - 1), (False, L)):
+    out = experiment.eval_step(None, rows, jnp.ones((batch,), bool), jax.random.key(2), model=_Uniform(),
+                               schedule=Schedule("linear"), mask_id=MASK, num_t_samples=4, objective=objective,
+                               ignore_bos=ignore)
+    assert int(out["tokens"]) == batch * counted
+    np.testing.assert_allclose(float(out["nats"]) / float(out["tokens"]), np.log(VOCAB), rtol=0.06)
+
+
+def test_ignore_bos_applies_to_framed_windows_of_diffusion_and_block_only():
+  from configs import lm1b, tiny  # pylint: disable=g-import-not-at-top
+  from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
+  config = lm1b.get_config()
+  assert experiment.ignores_bos(config)
+  config.objective = "ar"
+  assert not experiment.ignores_bos(config)  # BD3-LM's AR baseline scores every position
+  config = tiny.get_config()
+  assert not experiment.ignores_bos(config)  # unframed windows: position 0 is ordinary text
+  config.data.frame_windows = True
+  assert experiment.ignores_bos(config)
+  config.data.ignore_bos = False
+  assert not experiment.ignores_bos(config)

@@ -85,6 +85,13 @@ def bind_split(model, params) -> SplitDenoiser:
   return SplitDenoiser(trunk=trunk, logits_at=logits_at)
 
 
+def hold_first(keep_BxL, tokens_BxL):
+  """keep_BxL (or None) with position 0 added: data.ignore_bos on framed windows, whose position 0 is always
+  the frame id (BD3-LM's ignore_bos: never masked in training, not scored in evaluation)."""
+  first = jnp.zeros(tokens_BxL.shape, bool).at[:, 0].set(True)
+  return first if keep_BxL is None else keep_BxL | first
+
+
 def check_learned_positions(model_config, length: int) -> None:
   """A learned position table (model.position='learned', GPT-2) has max_len rows: cached decoding, which may
   otherwise slide past max_len, cannot go beyond them."""

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from diffusion_lm import diffusion
 from diffusion_lm.errors import UserError
-from diffusion_lm.objectives.base import Objective, bind, check_learned_positions
+from diffusion_lm.objectives.base import Objective, bind, check_learned_positions, hold_first
 from diffusion_lm.objectives.diffusion import stratified_times
 from diffusion_lm.samplers import block_decode
 
@@ -35,7 +35,7 @@ def block_attention_mask(seq_len: int, block_size: int):
   return jnp.concatenate([top, bottom], axis=0)
 
 
-def block_nelbo(apply, tokens_BxL, key, schedule, mask_id: int, block_size: int, t_BxN=None) -> dict:
+def block_nelbo(apply, tokens_BxL, key, schedule, mask_id: int, block_size: int, t_BxN=None, keep_BxL=None) -> dict:
   """Monte Carlo estimate of the block-diffusion negative ELBO per sequence (nats).
 
     -ELBO(x0) = sum_b E_{t_b} E_{x_t^b} [ w(t_b) sum_{i masked in block b} -log p(x0_i | x_t^b, x0^{<b}) ]
@@ -44,22 +44,35 @@ def block_nelbo(apply, tokens_BxL, key, schedule, mask_id: int, block_size: int,
     apply: (tokens, t, positions_L=, mask_QxK=) -> logits; the network.
     tokens_BxL: clean int32 tokens; L a multiple of block_size.
     key: split into time and mask keys as `diffusion.diffusion_loss` does (so L' = L matches it draw for draw).
-    t_BxN: optional times, one per block (antithetic over all B x N blocks when None).
+    t_BxN: optional times, one per block (block_times, stratified over all B x N block slots, when None).
+    keep_BxL: optional bool positions never masked nor scored (ignore_bos: position 0).
   Returns:
     {"nelbo": float32[B], "num_masked": float32[B]}.
   """
-  return noised_block_loss(apply, block_noise(tokens_BxL, key, schedule, mask_id, block_size, t_BxN), block_size)
+  return noised_block_loss(apply, block_noise(tokens_BxL, key, schedule, mask_id, block_size, t_BxN, keep_BxL),
+                           block_size)
 
 
-def block_noise(tokens_BxL, key, schedule, mask_id: int, block_size: int, t_BxN=None) -> dict:
+def block_times(key, batch_size: int, num_blocks: int, t_min: float = diffusion.T_MIN, t_max: float = 1.0):
+  """float32[B, N]: one time per block slot, stratified over the B x N slots as BD3-LM draws them: slot k
+  (row-major) takes (u_k + k) / (B N) with its own uniform u_k, mapped onto [t_min, t_max]. Every slot is
+  uniform on that range (an unbiased ELBO estimate on [T_MIN, 1]) and the slots cover it evenly."""
+  slots = batch_size * num_blocks
+  u_BxN = jax.random.uniform(key, (batch_size, num_blocks))
+  grid_BxN = (u_BxN + jnp.arange(slots, dtype=jnp.float32).reshape(batch_size, num_blocks)) / slots
+  return t_min + (t_max - t_min) * grid_BxN
+
+
+def block_noise(tokens_BxL, key, schedule, mask_id: int, block_size: int, t_BxN=None, keep_BxL=None) -> dict:
   """The random part of block_nelbo, per row: {tokens, noisy, is_masked, weight_BxN}, each leading with B."""
   batch_size, seq_len = tokens_BxL.shape
   num_blocks = seq_len // block_size
   time_key, mask_key = jax.random.split(key)
   if t_BxN is None:
-    t_BxN = diffusion.antithetic_times(time_key, batch_size * num_blocks).reshape(batch_size, num_blocks)
+    t_BxN = block_times(time_key, batch_size, num_blocks)
   alpha_BxL = jnp.repeat(schedule.alpha(t_BxN), block_size, axis=1)
   noisy_BxL, masked_BxL = diffusion.forward_mask(mask_key, tokens_BxL, alpha_BxL, mask_id)
+  noisy_BxL, masked_BxL = diffusion.hold_positions(noisy_BxL, masked_BxL, tokens_BxL, keep_BxL)
   return {"tokens": tokens_BxL, "noisy": noisy_BxL, "is_masked": masked_BxL, "weight": schedule.weight(t_BxN)}
 
 
@@ -100,21 +113,24 @@ class BlockDiffusion(Objective):
       raise UserError("diffusion.name='mlm' with objective='block'; allowed: a schedule with a bound "
                       "(linear, cosine, polynomial, geometric)")
 
-  def loss(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id):
-    out = block_nelbo(bind(model, params), tokens_BxL, key, schedule, mask_id, model.config.block_size)
+  def loss(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id, ignore_bos=False):
+    keep = hold_first(None, tokens_BxL) if ignore_bos else None
+    out = block_nelbo(bind(model, params), tokens_BxL, key, schedule, mask_id, model.config.block_size, keep_BxL=keep)
     return out["nelbo"], out["num_masked"]
 
-  def noise(self, model, tokens_BxL, key, *, schedule, mask_id, bos_id):
+  def noise(self, model, tokens_BxL, key, *, schedule, mask_id, bos_id, ignore_bos=False):
     del bos_id
-    return block_noise(tokens_BxL, key, schedule, mask_id, model.config.block_size)
+    keep = hold_first(None, tokens_BxL) if ignore_bos else None
+    return block_noise(tokens_BxL, key, schedule, mask_id, model.config.block_size, keep_BxL=keep)
 
   def row_losses(self, model, params, rows, *, bos_id):
     out = noised_block_loss(bind(model, params), rows, model.config.block_size)
     return out["nelbo"], out["num_masked"]
 
   def eval_nats(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id, num_t_samples,
-                discrete_steps):
+                discrete_steps, ignore_bos=False):
     del discrete_steps  # the T-step bound is defined for masked diffusion only
+    keep = hold_first(None, tokens_BxL) if ignore_bos else None
     apply, block_size = bind(model, params), model.config.block_size
     batch_size, seq_len = tokens_BxL.shape
     time_key, mask_key = jax.random.split(key)
@@ -123,10 +139,13 @@ class BlockDiffusion(Objective):
     def body(k, total):
       t_BxN = stratified_times(k, u_BxN, num_t_samples)
       return total + block_nelbo(apply, tokens_BxL, jax.random.fold_in(mask_key, k), schedule, mask_id, block_size,
-                                 t_BxN=t_BxN)["nelbo"]
+                                 t_BxN=t_BxN, keep_BxL=keep)["nelbo"]
 
     total = jax.lax.fori_loop(0, num_t_samples, body, jnp.zeros((batch_size,), jnp.float32))
-    return {"nats": total / num_t_samples}
+    out = {"nats": total / num_t_samples}
+    if ignore_bos:  # the average counts the L - 1 other positions
+      out["scored"] = jnp.full((batch_size,), seq_len - 1, jnp.float32)
+    return out
 
   def generate(self, model, params, key, tokens_BxL, example_ids_B, cfg, *, schedule, mask_id, bos_id, eos_id,
                return_trajectory=False):

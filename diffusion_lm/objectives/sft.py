@@ -28,9 +28,8 @@ class PromptedDiffusion(MaskedDiffusion):
   def scored_positions(self, tokens_BxL):
     return jnp.sum(~self.split(tokens_BxL)[1], axis=-1).astype(jnp.float32)
 
-  def noise(self, model, tokens_BxL, key, *, schedule, mask_id, bos_id, visible_future=None):
-    rows = super().noise(model, tokens_BxL, key, schedule=schedule, mask_id=mask_id, bos_id=bos_id,
-                         visible_future=visible_future)
+  def noise(self, model, tokens_BxL, key, *, schedule, mask_id, bos_id, **extra):
+    rows = super().noise(model, tokens_BxL, key, schedule=schedule, mask_id=mask_id, bos_id=bos_id, **extra)
     return None if rows is None else {**rows, "scored": self.scored_positions(tokens_BxL)}
 
   def eval_nats(self, model, params, tokens_BxL, key, **kwargs):
