@@ -147,6 +147,16 @@ def get_config(arg=None):
   smp.prompt = ""  # prefix held fixed in training-time samples
   smp.seed = 0  # seed of training-time samples (the same every time, to watch progress)
 
+  config.block = blk = ml_collections.ConfigDict()  # objective="block" (BD3-LM)
+  # clipped noise schedules (BD3-LM's var_min): t drawn on a range [lo, hi] chosen at every evaluation as the one
+  # of the grid below whose per-block losses vary least on the validation split (the ELBO is still reported on
+  # [1e-4, 1]); False: t on [1e-4, 1] throughout
+  blk.clip_search = True
+  blk.clip_search_widths = (0.5, 0.6, 0.7, 0.8, 0.9)  # range widths searched (BD3-LM's LM1B / OWT scripts)
+  blk.clip_search_delta = 0.05  # step between the starts of ranges of one width
+  blk.clip_search_batches = 8  # validation batches per search (a seeded subset; BD3-LM: 100 of 512 rows)
+  blk.resample = True  # redraw a block's masks until its masked share lies in the range (their training.resample)
+
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # data-parallel axis (-1: all devices not used by the others)
   mesh.fsdp = 1  # parameter/optimizer sharding axis

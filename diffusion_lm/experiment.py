@@ -251,7 +251,8 @@ def sequence_loss(params, tokens_BxL, key, *, model, schedule, mask_id, objectiv
 
 
 def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_id, ema_decay,
-               objective="diffusion", bos_id=0, anneal_steps=0, microbatches=1, ignore_bos=False):
+               objective="diffusion", bos_id=0, anneal_steps=0, microbatches=1, ignore_bos=False, clip=None,
+               resample=False):
   """One optimizer step; a non-finite loss or gradient leaves the state unchanged.
 
   Metrics (float32 scalars): loss (nats per token), bits_per_token, grad_norm, param_norm, mask_rate,
@@ -267,6 +268,8 @@ def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_
   extra = {"visible_future": visible_future_share(state.step, anneal_steps)} if anneal_steps else {}
   if ignore_bos:  # position 0 (the frame id) never masked (see ignores_bos)
     extra["ignore_bos"] = True
+  if clip is not None:  # block diffusion's clipped schedule (lo, hi) (diffusion_lm/clip_search.py)
+    extra.update(clip=clip, resample=resample)
 
   obj = objectives.get(objective)
   scored_B = obj.scored_positions(tokens_BxL)  # None: every position (sft: the response positions)
@@ -376,14 +379,22 @@ def guarded_update(state: TrainState, grads, loss, *, tx, ema_decay):
   return new_state, grad_norm, finite
 
 
-def jit_train_step(config, model, tx, mesh, shardings, mask_id: int, bos_id: int):
-  """train_step jitted over the mesh: state sharded (and donated), batch over data x fsdp."""
+def clip_searched(config) -> bool:
+  """Block diffusion with BD3-LM's clipped schedules (block.clip_search; workdirs from before it: off)."""
+  return config.objective == "block" and bool(config.get("block", {}).get("clip_search", False))
+
+
+def jit_train_step(config, model, tx, mesh, shardings, mask_id: int, bos_id: int, clip=None):
+  """train_step jitted over the mesh: state sharded (and donated), batch over data x fsdp. clip: the block
+  objective's clipped range (lo, hi) when block.clip_search is on (a new range compiles a new step)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule_from_config(config), mask_id=mask_id,
                         ema_decay=config.optimizer.ema_decay, objective=config.objective, bos_id=bos_id,
                         anneal_steps=int(config.training.get("attention_anneal_steps", 0)),
-                        microbatches=microbatch_count(config, mesh), ignore_bos=ignores_bos(config)),
+                        microbatches=microbatch_count(config, mesh), ignore_bos=ignores_bos(config),
+                        clip=tuple(clip) if clip is not None and clip_searched(config) else None,
+                        resample=bool(config.get("block", {}).get("resample", False))),
       in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
       out_shardings=(shardings, replicated), donate_argnums=0)
 

@@ -279,3 +279,21 @@ def test_ignore_bos_applies_to_framed_windows_of_diffusion_and_block_only():
   assert experiment.ignores_bos(config)
   config.data.ignore_bos = False
   assert not experiment.ignores_bos(config)
+
+
+def test_a_block_model_starts_from_a_masked_diffusion_workdir(trained_workdir, tmp_path, data_cache):
+  """BD3-LM's LM1B recipe: block diffusion fine-tuned from a masked-diffusion checkpoint (config.init_from).
+  With a learning rate of 1e-9 one step leaves the source's EMA parameters in place."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from diffusion_lm import experiment, train  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.data.cache_dir = data_cache
+  config.objective, config.model.block_size, config.init_from = "block", 8, trained_workdir
+  config.optimizer.update(learning_rate=1e-9, warmup_steps=0)
+  config.training.update(num_steps=1, checkpoint_every=1)
+  train.train_and_evaluate(config, str(tmp_path / "block"))
+  tuned, source = experiment.load_trained(str(tmp_path / "block"), use_ema=False), experiment.load_trained(
+      trained_workdir)
+  assert tuned.model.config.block_size == 8 and tuned.step == 1
+  for a, b in zip(jax.tree.leaves(tuned.params), jax.tree.leaves(source.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
