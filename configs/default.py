@@ -41,6 +41,9 @@ def get_config(arg=None):
   # False: seq_len tokens of the stream
   data.frame_windows = False
   data.frame_open = ""  # framed windows open with: "" the end-of-document id, "bos" [CLS] / <s> (BERT-style)
+  # with frame_windows, masked and block diffusion: position 0 (always the frame id) is never masked and is left
+  # out of evaluation's per-token average (BD3-LM's ignore_bos); False scores it as any other position
+  data.ignore_bos = True
   data.train_split = "train"  # split to train on (and to train the tokenizer on)
   data.eval_split = "validation"  # split for the validation ELBO
   data.validation_percent = 5.0  # local text: share of passages held out for validation
@@ -153,9 +156,21 @@ def get_config(arg=None):
   smp.remask_t_off = 0.0  # (the paper's OWT loop: t_on 0.55, t_off 0.05, alpha_on 0.9, eta 0.02)
   smp.remask_alpha_on = 0.9  # remdm loop: alpha held inside the window
   smp.guidance = 0.0  # classifier-free guidance weight on given tokens (0 = off)
+  smp.final_step = "auto"  # ancestral/remdm: argmax (MDLM/ReMDM noise removal) | sample; auto: argmax, sample in blocks
+  smp.top_p_rule = "auto"  # within (ReMDM/BD3-LM) | reach (transformers); auto: within for ancestral/remdm
   smp.num_samples = 4  # samples printed during training
   smp.prompt = ""  # prefix held fixed in training-time samples
   smp.seed = 0  # seed of training-time samples (the same every time, to watch progress)
+
+  config.block = blk = ml_collections.ConfigDict()  # objective="block" (BD3-LM)
+  # clipped noise schedules (BD3-LM's var_min): t drawn on a range [lo, hi] chosen at every evaluation as the one
+  # of the grid below whose per-block losses vary least on the validation split (the ELBO is still reported on
+  # [1e-4, 1]); False: t on [1e-4, 1] throughout
+  blk.clip_search = True
+  blk.clip_search_widths = (0.5, 0.6, 0.7, 0.8, 0.9)  # range widths searched (BD3-LM's LM1B / OWT scripts)
+  blk.clip_search_delta = 0.05  # step between the starts of ranges of one width
+  blk.clip_search_batches = 8  # validation batches per search (a seeded subset; BD3-LM: 100 of 512 rows)
+  blk.resample = True  # redraw a block's masks until its masked share lies in the range (their training.resample)
 
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # data-parallel axis (-1: all devices not used by the others)

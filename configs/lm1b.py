@@ -5,7 +5,8 @@ lm1b) with the spaced punctuation undone (data.detokenize=lm1b), tokenized by be
 without special tokens, each followed by an end-of-sentence id, packed, and cut into windows of
 126 tokens framed by that id at both ends (128 in all). That id is [CLS]: their code takes the id of the
 first token of `tokenizer.encode(eos_token)`, which a BERT tokenizer starts with [CLS]. Validation is the
-test split, scored whole. Optimizer and schedule follow theirs: AdamW 3e-4, betas (0.9, 0.999), no weight
+test split, scored whole; position 0 (always [CLS]) is never masked in training and is left out of the
+per-token average (their ignore_bos; data.ignore_bos, on by default for framed windows). Optimizer and schedule follow theirs: AdamW 3e-4, betas (0.9, 0.999), no weight
 decay, 2,500 warmup steps then constant, gradient clip 1, EMA 0.9999, batch 512, 1M steps; the denoiser
 is this project's Transformer at their "small" width and depth (12 x 768, 12 heads).
 Not the MDLM paper's LM1B table: that one pads each sentence to 128 tokens ([CLS] s [SEP] [PAD]...).

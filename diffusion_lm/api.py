@@ -78,12 +78,13 @@ def generation_length(trained, seq_len=None, max_new_tokens=None, prompt="", suf
     length = len(trained.tokenizer.encode(prompt)) + max_new_tokens if prompt else max_new_tokens
     if model_config.block_size:
       length = -(-length // model_config.block_size) * model_config.block_size
-  # Causal and block-diffusion models decode with a sliding key/value cache: any length.
-  cached = model_config.causal or model_config.block_size
+  # Causal and block-diffusion models decode with a sliding key/value cache: any length, unless their
+  # positions are a learned table of max_len rows (GPT-2 style), which has no row past it.
+  cached = (model_config.causal or model_config.block_size) and model_config.position != "learned"
   if not isinstance(length, int) or length < 1 or (length > model_config.max_len and not cached):
     what = f"seq_len={length}" if max_new_tokens is None else f"prompt + max_new_tokens = {length}"
     raise UserError(f"{what}; allowed: 1 to the model's max_len={model_config.max_len} (only AR and "
-                    "block-diffusion models generate past it)")
+                    "block-diffusion models with rotary positions generate past it)")
   return length
 
 
@@ -166,7 +167,7 @@ def evaluate(trained, workdir: str, *, split: str | None = None, max_batches: in
     windows, _ = experiment.load_windows(config, workdir, trained.tokenizer, split)
     cache[key] = windows, experiment.Evaluator(trained.model, trained.schedule, trained.tokenizer.mask_id,
                                                trained.mesh, trained.param_shardings, eval_config, config.objective,
-                                               trained.tokenizer.eos_id)
+                                               trained.tokenizer.eos_id, ignore_bos=experiment.ignores_bos(config))
   windows, evaluator = cache[key]
   result = evaluator(trained.params, windows)
   return {

@@ -88,6 +88,9 @@ def distill(config, teacher_workdir: str, workdir: str, stop_after: int | None =
   if teacher_step is None:
     raise UserError(f"--teacher_workdir={teacher_workdir!r} holds no checkpoint; train it first with "
                     "python -m diffusion_lm.train")
+  if teacher_saved.get("objective") == "sft":  # its rows hold a prompt that must stay clean and unscored
+    raise UserError(f"--teacher_workdir={teacher_workdir!r} holds an 'sft' model (prompt/response rows); allowed: a "
+                    f"masked-diffusion or block-diffusion teacher trained on text ({', '.join(distillation.OBJECTIVES)})")
   teacher = experiment.load_trained(teacher_workdir)
   teacher_step = teacher.step  # a damaged newest teacher step falls back to an older one
   distillation.check_objective(teacher.model.config)

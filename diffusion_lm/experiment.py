@@ -58,6 +58,8 @@ def check_config(config) -> None:
   if not isinstance(anneal, int) or anneal < 0 or (anneal and objective.name not in ("diffusion", "sft")):
     raise UserError(f"training.attention_anneal_steps={anneal!r} with objective={objective.name!r}; allowed: 0, or an "
                     "integer >= 1 with a masked diffusion objective (diffusion, sft)")
+  if not isinstance(config.data.get("ignore_bos", False), bool):
+    raise UserError(f"data.ignore_bos={config.data.ignore_bos!r}; allowed: True, False")
   if config.data.source == "jsonl" and objective.name != "sft":
     raise UserError(f"data.source='jsonl' with objective={objective.name!r}; allowed: objective='sft' (prompt/response "
                     "pairs)")
@@ -89,6 +91,14 @@ def check_config(config) -> None:
   # The model's settings now, before any data is prepared or tokenizer trained (the vocabulary is not known
   # yet: a placeholder size that any mask_token_id below it passes; the real one is checked when built).
   model_config(config, max(2, int(config.model.get("mask_token_id", -1)) + 1))
+
+
+def ignores_bos(config) -> bool:
+  """BD3-LM's ignore_bos (data.ignore_bos): on framed windows (data.frame_windows), whose position 0 is always
+  the frame id, masked and block diffusion never mask position 0 in training and leave it out of the
+  evaluation's per-token average. Workdirs from before the setting keep scoring it."""
+  return bool(config.data.get("ignore_bos", False) and config.data.get("frame_windows", False)
+              and config.objective in ("diffusion", "block"))
 
 
 def schedule_from_config(config) -> Schedule:
@@ -277,11 +287,13 @@ def sequence_loss(params, tokens_BxL, key, *, model, schedule, mask_id, objectiv
 
 
 def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_id, ema_decay,
-               objective="diffusion", bos_id=0, anneal_steps=0, microbatches=1):
+               objective="diffusion", bos_id=0, anneal_steps=0, microbatches=1, ignore_bos=False, clip=None,
+               resample=False):
   """One optimizer step; a non-finite loss or gradient leaves the state unchanged.
 
   Metrics (float32 scalars): loss (nats per token), bits_per_token, grad_norm, param_norm, mask_rate,
-  finite. The norms cost no pass of their own: XLA computes them in the passes that read the gradients
+  finite. Per-token figures count the objective's scored positions (sft: each row's loss over its
+  response length, averaged over the batch, as LLaDA's SFT; the mask rate over response positions). The norms cost no pass of their own: XLA computes them in the passes that read the gradients
   and parameters for the update (param_norm under a cond, only on logging steps, added one: +1.4% HBM
   bytes per step of a 2-layer text8 model on TPU v5e 2x2, by the ahead-of-time count).
   """
@@ -289,9 +301,14 @@ def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_
   seq_len = tokens_BxL.shape[1]
   # Attention-mask annealing (AR -> diffusion adaptation, training.attention_anneal_steps): the share of
   # future positions each position may see grows linearly from causal to fully bidirectional.
-  extra = {"visible_future": jnp.minimum((state.step + 1) / anneal_steps, 1.0)} if anneal_steps else {}
+  extra = {"visible_future": visible_future_share(state.step, anneal_steps)} if anneal_steps else {}
+  if ignore_bos:  # position 0 (the frame id) never masked (see ignores_bos)
+    extra["ignore_bos"] = True
+  if clip is not None:  # block diffusion's clipped schedule (lo, hi) (diffusion_lm/clip_search.py)
+    extra.update(clip=clip, resample=resample)
 
   obj = objectives.get(objective)
+  scored_B = obj.scored_positions(tokens_BxL)  # None: every position (sft: the response positions)
   rows = None
   if microbatches > 1:
     rows = obj.noise(model, tokens_BxL, step_key, schedule=schedule, mask_id=mask_id, bos_id=bos_id, **extra)
@@ -299,21 +316,38 @@ def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_
     def loss_fn(params):
       loss_B, masked_B = sequence_loss(params, tokens_BxL, step_key, model=model, schedule=schedule,
                                        mask_id=mask_id, objective=objective, bos_id=bos_id, **extra)
-      return jnp.mean(loss_B) / seq_len, masked_B
+      return per_token_loss(loss_B, scored_B, seq_len, tokens_BxL.shape[0]), masked_B
 
     (loss, masked_B), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   else:
     loss, masked_B, grads = _microbatched(obj, model, state.params, rows, microbatches, bos_id=bos_id)
   new_state, grad_norm, finite = guarded_update(state, grads, loss, tx=tx, ema_decay=ema_decay)
   metrics = {
-      "loss": loss,  # nats per token (diffusion: negative ELBO estimate; ar: exact)
+      "loss": loss,  # nats per (scored) token (diffusion: negative ELBO estimate; ar: exact)
       "bits_per_token": diffusion.nats_to_bits(loss),
       "grad_norm": grad_norm,
       "param_norm": optax.tree.norm(state.params),
-      "mask_rate": jnp.mean(masked_B) / seq_len,
+      "mask_rate": jnp.mean(masked_B) / seq_len if scored_B is None else jnp.sum(masked_B) / jnp.sum(scored_B),
       "finite": finite.astype(jnp.float32),
   }
   return new_state, metrics
+
+
+def visible_future_share(step, anneal_steps: int):
+  """The share of later positions each position sees at optimizer step `step` (0-based) of attention-mask
+  annealing: (step + 1) / anneal_steps, growing from near-causal to 1 (bidirectional) at the last
+  annealing step and after."""
+  return jnp.minimum((step + 1) / anneal_steps, 1.0)
+
+
+def per_token_loss(loss_B, scored_B, seq_len: int, batch: int):
+  """The batch's training loss in nats per token from per-row losses: their sum over batch x seq_len, or,
+  with scored positions per row (sft), each row's loss over its own count, averaged over the batch
+  (LLaDA's SFT normalisation: a long prompt does not down-weight its row). loss_B may be a microbatch's
+  rows of a batch of `batch` rows; the microbatches' values then add up to the batch's."""
+  if scored_B is None:
+    return jnp.mean(loss_B) / seq_len if loss_B.shape[0] == batch else jnp.sum(loss_B) / (batch * seq_len)
+  return jnp.sum(loss_B / jnp.maximum(scored_B, 1.0)) / batch
 
 
 def _microbatched(obj, model, params, rows: dict, microbatches: int, *, bos_id):
@@ -333,7 +367,7 @@ def _microbatched(obj, model, params, rows: dict, microbatches: int, *, bos_id):
   def body(carry, chunk):
     def loss_fn(p):
       loss_b, masked_b = obj.row_losses(model, p, chunk, bos_id=bos_id)
-      return jnp.sum(loss_b) / (batch * seq_len), masked_b
+      return per_token_loss(loss_b, chunk.get("scored"), seq_len, batch), masked_b
 
     (loss, masked_b), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     total, summed = carry
@@ -381,31 +415,41 @@ def guarded_update(state: TrainState, grads, loss, *, tx, ema_decay):
   return new_state, grad_norm, finite
 
 
-def jit_train_step(config, model, tx, mesh, shardings, mask_id: int, bos_id: int):
-  """train_step jitted over the mesh: state sharded (and donated), batch over data x fsdp."""
+def clip_searched(config) -> bool:
+  """Block diffusion with BD3-LM's clipped schedules (block.clip_search; workdirs from before it: off)."""
+  return config.objective == "block" and bool(config.get("block", {}).get("clip_search", False))
+
+
+def jit_train_step(config, model, tx, mesh, shardings, mask_id: int, bos_id: int, clip=None):
+  """train_step jitted over the mesh: state sharded (and donated), batch over data x fsdp. clip: the block
+  objective's clipped range (lo, hi) when block.clip_search is on (a new range compiles a new step)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule_from_config(config), mask_id=mask_id,
                         ema_decay=config.optimizer.ema_decay, objective=config.objective, bos_id=bos_id,
                         anneal_steps=int(config.training.get("attention_anneal_steps", 0)),
-                        microbatches=microbatch_count(config, mesh)),
+                        microbatches=microbatch_count(config, mesh), ignore_bos=ignores_bos(config),
+                        clip=tuple(clip) if clip is not None and clip_searched(config) else None,
+                        resample=bool(config.get("block", {}).get("resample", False))),
       in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
       out_shardings=(shardings, replicated), donate_argnums=0)
 
 
 def eval_step(params, tokens_BxL, valid_B, key, *, model, schedule, mask_id, num_t_samples,
-              objective="diffusion", bos_id=0, discrete_steps=0):
+              objective="diffusion", bos_id=0, discrete_steps=0, ignore_bos=False):
   """Summed bounds (nats) over the valid rows, and their token count.
 
   Returns {"nats": the objective's bound (ar: exact NLL), "nats_discrete": the T-step bound (masked
-  diffusion, when discrete_steps > 0), "tokens": count}.
+  diffusion, when discrete_steps > 0), "tokens": the count of scored tokens (sft: response positions)}.
   """
   valid = valid_B.astype(jnp.float32)
   per_row = objectives.get(objective).eval_nats(model, params, tokens_BxL, key, schedule=schedule, mask_id=mask_id,
                                                 bos_id=bos_id, num_t_samples=num_t_samples,
-                                                discrete_steps=discrete_steps)
-  return {**{name: jnp.sum(nats_B * valid) for name, nats_B in per_row.items()},
-          "tokens": jnp.sum(valid) * tokens_BxL.shape[1]}
+                                                discrete_steps=discrete_steps,
+                                                **({"ignore_bos": True} if ignore_bos else {}))
+  scored_B = per_row.pop("scored", None)  # sft: the response positions; ignore_bos: all but position 0
+  tokens = jnp.sum(valid) * tokens_BxL.shape[1] if scored_B is None else jnp.sum(valid * scored_B)
+  return {**{name: jnp.sum(nats_B * valid) for name, nats_B in per_row.items()}, "tokens": tokens}
 
 
 class Evaluator:
@@ -417,7 +461,7 @@ class Evaluator:
   """
 
   def __init__(self, model, schedule, mask_id, mesh, param_shardings, eval_config, objective="diffusion",
-               bos_id=0):
+               bos_id=0, ignore_bos=False):
     self.objective = objective
     self.discrete_steps = int(eval_config.get("discrete_steps", 0)) if objective == "diffusion" else 0
     if eval_config.batch_size % sharding.data_parallel_size(mesh):
@@ -433,7 +477,7 @@ class Evaluator:
     self._step = jax.jit(
         functools.partial(eval_step, model=model, schedule=schedule, mask_id=mask_id,
                           num_t_samples=eval_config.num_t_samples, objective=objective, bos_id=bos_id,
-                          discrete_steps=self.discrete_steps),
+                          discrete_steps=self.discrete_steps, ignore_bos=ignore_bos),
         in_shardings=(param_shardings, sharding.batch_sharding(mesh), sharding.batch_sharding(mesh), replicated),
         out_shardings=replicated)
 

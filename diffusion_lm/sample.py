@@ -28,8 +28,8 @@ FLAGS = flags.FLAGS
 # A new sampler setting is a flag in define_flags' sampler groups and its name here.
 _OVERRIDES = ("steps", "temperature", "top_k", "top_p", "float64", "guidance", "time_grid", "cache", "confidence",
               "commit_schedule", "block_length", "threshold", "remask_schedule", "remask_eta", "remask_t_on",
-              "remask_t_off", "remask_alpha_on", "approx_cache", "factor", "eps", "alg_temp", "logits_eos_inf",
-              "confidence_eos_eot_inf", "confidence_rounding")
+              "remask_t_off", "remask_alpha_on", "approx_cache", "final_step", "top_p_rule", "factor", "eps",
+              "alg_temp", "logits_eos_inf", "confidence_eos_eot_inf", "confidence_rounding")
 
 
 def define_flags():
@@ -58,10 +58,15 @@ def define_flags():
   flags.DEFINE_float("top_p", None, "Nucleus sampling mass in (0, 1] (1 = off).")
   flags.DEFINE_bool("float64", None, "Draw categorical samples with float64 Gumbel noise.")
   flags.DEFINE_float("guidance", None, "Classifier-free guidance weight on the given tokens (0 = off).")
+  flags.DEFINE_enum("top_p_rule", None, list(sampling.TOP_P_RULES), "Nucleus rule: within (ReMDM / BD3-LM: "
+                    "cumulative mass <= top_p) | reach (transformers); auto: within for ancestral/remdm.")
 
   # Settings of particular samplers; the help starts with the samplers that read it.
   flags.DEFINE_enum("time_grid", None, list(sampling.TIME_GRIDS), "ancestral/remdm: the time grid.")
   flags.DEFINE_bool("cache", None, "ancestral/remdm: reuse logits after steps that changed nothing.")
+  flags.DEFINE_enum("final_step", None, list(sampling.FINAL_STEPS), "ancestral/remdm: argmax (MDLM / ReMDM "
+                    "noise removal: grid to t=1e-5, then masks left take an argmax) | sample; auto: argmax, "
+                    "sample on block-diffusion models.")
   flags.DEFINE_enum("confidence", None, list(sampling.CONFIDENCES) + list(sampling.CONFIDENCE_ALIASES),
                     "confidence/blocks/threshold/remdm/llada/fast_dllm/dream: how sure a prediction is (the "
                     "references' names: low_confidence, maskgit_plus, topk_margin, origin).")

@@ -16,7 +16,7 @@ import jax
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from diffusion_lm import checkpointing, experiment, lease, paths, sharding
+from diffusion_lm import checkpointing, clip_search, experiment, lease, paths, sharding
 from diffusion_lm.errors import UserError, cli_main, parse_flags
 from diffusion_lm.metrics import MetricWriter
 from diffusion_lm.profiling import StepProfiler
@@ -124,9 +124,17 @@ def _train(config, workdir: str, stop_after, writer_lease) -> dict:
        f"{config.data.seq_len} tokens")
 
   # ------------------------------------------------------------------ compiled steps
-  step_fn = experiment.jit_train_step(config, model, tx, mesh, shardings, tokenizer.mask_id, tokenizer.eos_id)
+  searcher, clip = None, clip_search.DEFAULT
+  if experiment.clip_searched(config):  # block diffusion's clipped schedule: the range of the checkpoint resumed
+    searcher = clip_search.ClipSearch(model, schedule, tokenizer.mask_id, mesh, shardings.params, config,
+                                      ignore_bos=experiment.ignores_bos(config))
+    if saved_step is not None:
+      clip = clip_search.restore(manager, saved_step)
+  step_fn = experiment.jit_train_step(config, model, tx, mesh, shardings, tokenizer.mask_id, tokenizer.eos_id,
+                                      clip=clip)
   evaluator = experiment.Evaluator(model, schedule, tokenizer.mask_id, mesh, shardings.params,
-                                   config.evaluation, config.objective, tokenizer.eos_id)
+                                   config.evaluation, config.objective, tokenizer.eos_id,
+                                   ignore_bos=experiment.ignores_bos(config))
   generator = None
   if t.sample_every:
     generator = Generator(model, schedule, tokenizer, mesh, shardings.params,
@@ -154,8 +162,10 @@ def _train(config, workdir: str, stop_after, writer_lease) -> dict:
   tokens_per_step = t.batch_size * config.data.seq_len
 
   def save(step_done: int, force: bool = False):
+    records = {clip_search.RECORD: {"lo": clip[0], "hi": clip[1]}} if searcher is not None else None
     try:
-      return checkpointing.save(manager, step_done, state, data_iter.get_state(), config_dict, force=force)
+      return checkpointing.save(manager, step_done, state, data_iter.get_state(), config_dict, force=force,
+                                records=records)
     except OSError as e:
       raise _storage_error(e, step_done, manager, workdir) from None
 
@@ -220,6 +230,15 @@ def _train(config, workdir: str, stop_after, writer_lease) -> dict:
                     if result["capped"] else "")
           _log(f"step {step_done}: validation bits/char {result['bits_per_char']:.4f}, bits/token "
                f"{result['bits_per_token']:.4f}, perplexity <= {result['perplexity']:.2f}{subset}")
+        if searcher is not None and periodic_eval and not is_last:
+          found, variances = searcher(state.ema_params, eval_windows)
+          writer.write_scalars(step_done, {"eval/clip_lo": found[0], "eval/clip_hi": found[1],
+                                           "eval/clip_variance": variances[found]})
+          if found != clip:
+            clip = found
+            _log(f"step {step_done}: block diffusion now draws t on [{clip[0]:g}, {clip[1]:g}] (clip search)")
+            step_fn = experiment.jit_train_step(config, model, tx, mesh, shardings, tokenizer.mask_id,
+                                                tokenizer.eos_id, clip=clip)
         if generator is not None and (periodic_sample or is_last):
           _write_samples(generator, state.ema_params, samples_template, config, workdir, step_done, writer)
         if sync:

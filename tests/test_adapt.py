@@ -60,3 +60,26 @@ def test_annealing_shows_that_share_of_the_future(params):
   mask = np.asarray(seen[0])
   upper = mask[np.triu_indices(64, 1)]
   assert np.all(mask[np.tril_indices(64)]) and 0.45 < upper.mean() < 0.55
+
+
+def test_training_anneals_from_causal_towards_bidirectional():
+  """Over training.attention_anneal_steps = 4 optimizer steps the visible share of later positions grows
+  1/4, 1/2, 3/4, 1, then stays bidirectional (a backwards schedule would end causal)."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
+  shares = []
+
+  class Spy:
+    config = CFG
+
+    def apply(self, variables, tokens, t, mask_QxK=None):
+      shares.append(float(np.asarray(mask_QxK)[np.triu_indices(tokens.shape[1], 1)].mean()))
+      return jnp.zeros(tokens.shape + (11,)) + variables["params"]["w"]
+
+  tx = optax.sgd(0.1)
+  weights = {"w": jnp.zeros(())}
+  state = experiment.TrainState(step=jnp.int32(0), params=weights, ema_params=weights, opt_state=tx.init(weights))
+  for _ in range(6):
+    state, _ = experiment.train_step(state, jnp.zeros((2, 96), jnp.int32), jax.random.key(0), model=Spy(), tx=tx,
+                                     schedule=Schedule("linear"), mask_id=11, ema_decay=0.0, anneal_steps=4)
+  np.testing.assert_allclose(shares, [0.25, 0.5, 0.75, 1.0, 1.0, 1.0], atol=0.03)

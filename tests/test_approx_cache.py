@@ -81,6 +81,9 @@ def test_one_layer_network_decodes_exactly_as_the_uncached_blocks_sampler(mode):
 
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 def test_one_step_per_block_is_exact_for_any_depth(mode):
+  """Exact by construction: each block's only step takes the logits of the forward that stores the cache,
+  so the cached path never runs. That path is tested by the one-layer test (2 steps per block, exact) and
+  test_prefix_recomputes_the_rest_of_the_sequence_and_dual_only_the_block."""
   model, params, _ = _init(CFG)
   tokens = _prompted()
   ref = _generate(model, params, tokens, steps=4)
@@ -105,3 +108,25 @@ def test_the_sample_header_says_the_cache_is_approximate():
   header = Generation(texts=["a"], output=None, template=None, sampler=cfg, seq_len=16, seed=0, step=3,
                       block_size=0).describe()
   assert "blocks sampler with the approximate dual cache, 8 steps" in header
+
+
+class _Spy:
+  """The model, recording the length of every chunk run against the kept keys/values (approx_cache='reuse')."""
+
+  def __init__(self, model):
+    self.model, self.config, self.reused = model, model.config, []
+
+  def apply(self, variables, tokens, t=None, **kwargs):
+    if kwargs.get("approx_cache") == "reuse":
+      self.reused.append(tokens.shape[1])
+    return self.model.apply(variables, tokens, t, **kwargs)
+
+
+@pytest.mark.parametrize("mode, chunks", [("prefix", [16, 12, 8, 4]), ("dual", [4, 4, 4, 4])])
+def test_prefix_recomputes_the_rest_of_the_sequence_and_dual_only_the_block(mode, chunks):
+  """Two steps per block of 4 in 16 positions: each block's second step runs the cached path (traced once
+  per block), on [block .. end] (prefix) or on the block alone (dual)."""
+  model, params, _ = _init(CFG)
+  spy = _Spy(model)
+  _generate(spy, params, _prompted(), approx_cache=mode)
+  assert spy.reused == chunks

@@ -231,8 +231,9 @@ def _state_at(workdir, step):
 
 
 def test_one_round_lowers_the_loss(distilled, trained_workdir):
-  """Round 1's loss (teacher: the trained model, 2 steps of dt = 1/8) on held-out batches, with the
-  student before (= the teacher) and after the round."""
+  """Round 1's distance to the teacher's 2-step targets (dt = 1/8) on held-out batches, with the student
+  before (= the teacher) and after the round, measured by total variation and forward KL: divergences the
+  round does not train on (it trains on reverse KL), so a student that only games its own loss fails."""
   run, after, teacher_params, progress = _state_at(distilled, 8)
   assert progress == {"step": 8, "round": 0, "teacher_steps": 8, "student_steps": 4, "rounds_done": 1}
   original = experiment.load_trained(trained_workdir, use_ema=True).params
@@ -241,15 +242,16 @@ def test_one_round_lowers_the_loss(distilled, trained_workdir):
   windows, _ = experiment.load_windows(run.config, distilled, run.tokenizer, "validation")
   tokens = jnp.asarray(windows.rows(np.arange(64)))
   teacher = distillation.denoiser(run.model, teacher_params)
-  fn = jax.jit(lambda p, x, k: distillation.sdtt_loss(
+  fn = jax.jit(lambda p, x, k, kind: distillation.sdtt_loss(
       distillation.denoiser(run.model, p), teacher, x, k, schedule=run.schedule, mask_id=run.tokenizer.mask_id,
-      dt=1.0 / 8, num_steps=2, kind="reverse_kl")["loss"])
+      dt=1.0 / 8, num_steps=2, kind=kind)["loss"], static_argnums=3)
 
-  def loss(params):
-    return np.mean([float(fn(params, tokens, jax.random.key(100 + seed))) for seed in range(4)])
+  def loss(params, kind):
+    return np.mean([float(fn(params, tokens, jax.random.key(100 + seed), kind)) for seed in range(4)])
 
-  before, after = loss(original), loss(after.params)
-  assert after < 0.85 * before, (before, after)
+  ratios = {kind: loss(after.params, kind) / loss(original, kind) for kind in ("reverse_kl", "tvd", "forward_kl")}
+  # Measured: reverse KL 0.63, forward KL 0.64, total variation 0.97 of the teacher's distance.
+  assert ratios["reverse_kl"] < 0.85 and ratios["forward_kl"] < 0.85 and ratios["tvd"] < 0.99, ratios
 
 
 def test_killed_distillation_resumes_exactly(distilled, trained_workdir, tmp_path):
@@ -279,3 +281,22 @@ def test_student_is_an_ordinary_workdir_that_records_its_teacher(distilled, trai
   config.distill.factor = 4
   with pytest.raises(UserError, match="distill.factor=2"):
     distill(config, trained_workdir, distilled)
+
+
+def test_sdtt_loss_is_kl_from_the_student_to_the_teacher():
+  """reverse_kl is KL(student || teacher) at each masked position. With a factorised teacher (exact in one
+  step: every target is its table's softmax) and another fixed student table, the per-position loss is
+  that KL, computed here in numpy; the other direction differs by far more than the tolerance."""
+  teacher_table = np.asarray(jax.random.normal(jax.random.key(0), (L, K)) * 2.0, np.float64)
+  student_table = np.asarray(jax.random.normal(jax.random.key(1), (L, K)) * 2.0, np.float64)
+  as_denoiser = lambda table: (lambda x, t: jnp.broadcast_to(jnp.asarray(table, jnp.float32), x.shape + (K,)))
+  out = sdtt(as_denoiser(student_table), as_denoiser(teacher_table), TOKENS)
+  log_softmax = lambda a: a - np.log(np.exp(a).sum(-1, keepdims=True))
+  s, t = log_softmax(student_table), log_softmax(teacher_table)
+  kl_student_teacher = (np.exp(s) * (s - t)).sum(-1)  # [L]
+  kl_teacher_student = (np.exp(t) * (t - s)).sum(-1)
+  assert np.abs(kl_student_teacher - kl_teacher_student).max() > 0.5
+  masked = out["per_position"] != 0
+  assert masked.sum() > 50
+  want = np.broadcast_to(kl_student_teacher, masked.shape)
+  np.testing.assert_allclose(out["per_position"][masked], want[masked], rtol=1e-4)

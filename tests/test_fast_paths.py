@@ -187,8 +187,9 @@ def test_microbatched_step_is_the_one_piece_step(config_name):
     config, vocab, mesh, model, tx, state, shardings = _train_setup(config_name, n)
     assert experiment.microbatch_count(config, mesh) == n
     rows = np.random.default_rng(0).integers(0, vocab, (8, 64), dtype=np.int32)
-    if config.objective == "sft":  # prompt tokens stored as their complement (data.source=jsonl)
-      rows[:, :10] = ~rows[:, :10]
+    if config.objective == "sft":  # prompts of 3 to 59 tokens stored as their complement (data.source=jsonl)
+      for b, row in enumerate(rows):
+        row[:3 + 8 * b] = ~row[:3 + 8 * b]
     step = experiment.jit_train_step(config, model, tx, mesh, shardings, vocab, 0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
       state, metrics = step(state, jnp.asarray(rows), jax.random.key(3))

@@ -203,3 +203,97 @@ def test_objectives_registry():
   assert objectives.of_model(ModelConfig(vocab_size=5, block_size=4)).name == "block"
   assert objectives.of_model(ModelConfig(vocab_size=5, causal=True)).name == "ar"
   assert objectives.of_model(ModelConfig(vocab_size=5)).name == "diffusion"
+
+
+def test_committing_a_block_gives_the_logits_of_the_block_causal_forward():
+  """The forward that commits finished block 0 and starts block 1 ([block 0 | block 1], commit=4) must give
+  block 1 the logits of the uncached block-causal forward, and keep block 0's keys/values as block 0 alone
+  computes them: the finished block never sees the noisy block beside it (a leak moves block 1's logits by
+  about 1e-4). Block 2's logits against the cache check what was kept."""
+  model, params = tiny(4)
+  x = TOKENS[:2, :12].at[:, 5:7].set(MASK).at[:, 8:12].set(MASK)
+  attend = lambda n: jnp.asarray((np.arange(n) // 4)[None, :] <= (np.arange(n) // 4)[:, None])
+  reference = model.apply({"params": params}, x, None, positions_L=jnp.arange(12), mask_QxK=attend(12))
+  _, variables = model.apply({"params": params}, x[:, :4], decode=True, mutable=["cache"])
+  logits0 = model.apply({"params": params, **variables}, x[:, :4], None, decode=True, commit=False)
+  logits01, updated = model.apply({"params": params, **variables}, x[:, :8], None, decode=True, commit=4,
+                                  mutable=["cache"])
+  _, updated = model.apply({"params": params, **updated}, x[:, 4:12], None, decode=True, commit=4, mutable=["cache"])
+  logits2 = model.apply({"params": params, **updated}, x[:, 8:12], None, decode=True, commit=False)
+  np.testing.assert_allclose(logits0, reference[:, :4], atol=1e-5)
+  np.testing.assert_allclose(logits01[:, 4:], reference[:, 4:8], atol=1e-5)
+  np.testing.assert_allclose(logits2, reference[:, 8:12], atol=1e-5)
+
+
+def test_every_block_of_a_row_draws_its_own_time():
+  """One time per block slot, stratified over all B x N slots: within a row the blocks' times differ, and
+  the B x N times fall one in each of B x N equal strata of [T_MIN, 1] (t read back from w(t) = 1/t)."""
+  batch, blocks = 8, 4
+  tokens = jnp.zeros((batch, blocks * 4), jnp.int32)
+  for seed in range(3):
+    noise = objectives.block.block_noise(tokens, jax.random.key(seed), Schedule("linear"), MASK, 4)
+    t_BxN = 1.0 / np.asarray(noise["weight"], np.float64)
+    assert t_BxN.shape == (batch, blocks)
+    assert all(len(set(np.round(row, 6))) == blocks for row in t_BxN)
+    strata = np.floor((t_BxN - diffusion.T_MIN) / (1 - diffusion.T_MIN) * batch * blocks).astype(int)
+    assert sorted(strata.ravel().tolist()) == list(range(batch * blocks))
+
+
+class _Uniform:
+  """A denoiser giving every token the same logit: its ELBO is log VOCAB nats per scored position."""
+  config = type("C", (), {"d_model": 8, "time_conditioning": False, "block_size": 4})
+
+  def apply(self, variables, tokens, t=None, **kwargs):
+    return jnp.zeros(tokens.shape + (VOCAB,), jnp.float32)
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "block"])
+def test_ignore_bos_never_masks_position_0_and_drops_it_from_the_average(objective):
+  """BD3-LM's ignore_bos on framed windows: position 0 is held clean in training draws, and evaluation
+  averages over the other L - 1 positions (a uniform denoiser: log V per counted position either way)."""
+  from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
+  batch = 256
+  rows = jax.random.randint(jax.random.key(0), (batch, L), 0, VOCAB).at[:, 0].set(3)
+  noise = objectives.get(objective).noise(_Uniform(), rows, jax.random.key(1), schedule=Schedule("linear"),
+                                          mask_id=MASK, bos_id=3, ignore_bos=True)
+  assert not np.asarray(noise["is_masked"])[:, 0].any() and (np.asarray(noise["noisy"])[:, 0] == 3).all()
+  assert np.asarray(noise["is_masked"])[:, 1:].mean() > 0.3
+  for ignore, counted in ((True, L - 1), (False, L)):
+    out = experiment.eval_step(None, rows, jnp.ones((batch,), bool), jax.random.key(2), model=_Uniform(),
+                               schedule=Schedule("linear"), mask_id=MASK, num_t_samples=4, objective=objective,
+                               ignore_bos=ignore)
+    assert int(out["tokens"]) == batch * counted
+    np.testing.assert_allclose(float(out["nats"]) / float(out["tokens"]), np.log(VOCAB), rtol=0.06)
+
+
+def test_ignore_bos_applies_to_framed_windows_of_diffusion_and_block_only():
+  from configs import lm1b, tiny  # pylint: disable=g-import-not-at-top
+  from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
+  config = lm1b.get_config()
+  assert experiment.ignores_bos(config)
+  config.objective = "ar"
+  assert not experiment.ignores_bos(config)  # BD3-LM's AR baseline scores every position
+  config = tiny.get_config()
+  assert not experiment.ignores_bos(config)  # unframed windows: position 0 is ordinary text
+  config.data.frame_windows = True
+  assert experiment.ignores_bos(config)
+  config.data.ignore_bos = False
+  assert not experiment.ignores_bos(config)
+
+
+def test_a_block_model_starts_from_a_masked_diffusion_workdir(trained_workdir, tmp_path, data_cache):
+  """BD3-LM's LM1B recipe: block diffusion fine-tuned from a masked-diffusion checkpoint (config.init_from).
+  With a learning rate of 1e-9 one step leaves the source's EMA parameters in place."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from diffusion_lm import experiment, train  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.data.cache_dir = data_cache
+  config.objective, config.model.block_size, config.init_from = "block", 8, trained_workdir
+  config.optimizer.update(learning_rate=1e-9, warmup_steps=0)
+  config.training.update(num_steps=1, checkpoint_every=1)
+  train.train_and_evaluate(config, str(tmp_path / "block"))
+  tuned, source = experiment.load_trained(str(tmp_path / "block"), use_ema=False), experiment.load_trained(
+      trained_workdir)
+  assert tuned.model.config.block_size == 8 and tuned.step == 1
+  for a, b in zip(jax.tree.leaves(tuned.params), jax.tree.leaves(source.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)

@@ -331,3 +331,45 @@ def test_draws_reach_the_far_tail_of_a_peaked_distribution(float64):
       hits += int((np.asarray(draw(keys, logits)) != 0).sum())
   expected = tail * n * 10
   assert abs(hits - expected) < 4 * math.sqrt(expected), (hits, expected)
+
+
+# ----------------------------------------------------------------------------- the last step and the nucleus
+
+
+@pytest.mark.parametrize("final_step", ["auto", "argmax", "sample"])
+def test_final_step_argmax_fills_what_the_grid_end_leaves_masked(final_step):
+  """MDLM / ReMDM noise removal: the grid ends at t = 1e-5 and what is still masked takes the argmax of one
+  more pass. Under alpha(t) = 1 - t^0.1 one step reveals only alpha(1e-5) = 1 - 10^-0.5 of the positions by
+  a draw, so the argmax token's share is alpha(1e-5) p_0 + 10^-0.5 (closed form); final_step='sample' draws
+  them all (share p_0)."""
+  n, length = 1000, 32
+  probs = np.array([0.6, 0.3, 0.1])
+  cfg = sampling.SamplerConfig("ancestral", steps=1, final_step=final_step)
+  out = run(cfg, fixed_logits_oracle(np.broadcast_to(np.log(probs), (length, 3))), n, length,
+            schedule=Schedule("polynomial", power=0.1))
+  revealed = 1.0 - (1e-5) ** 0.1
+  argmax_share = revealed * probs[0] + (1.0 - revealed) if final_step != "sample" else probs[0]
+  assert not (out.tokens == MASK).any() and not (out.trajectory[-1] == MASK).any()
+  assert abs((out.tokens == 0).mean() - argmax_share) < 0.01, ((out.tokens == 0).mean(), argmax_share)
+  assert abs((out.tokens == 2).mean() - (revealed if final_step != "sample" else 1.0) * probs[2]) < 0.01
+  assert int(out.num_calls) == (2 if final_step != "sample" else 1)
+
+
+def test_nucleus_rules_within_and_reach():
+  """within (ReMDM / BD3-LM): keep tokens whose cumulative mass, their own included, is <= p; reach
+  (transformers): keep the token that crosses p too. Probabilities 0.5, 0.3, 0.15, 0.05 by rank."""
+  logits = jnp.log(jnp.array([[[0.05, 0.5, 0.15, 0.3]]]))
+  kept = lambda p, rule: np.isfinite(np.asarray(sampling.filter_logits(logits, top_p=p, rule=rule)))[0, 0].tolist()
+  assert kept(0.7, "within") == [False, True, False, False]
+  assert kept(0.7, "reach") == [False, True, False, True]
+  assert kept(0.81, "within") == [False, True, False, True]
+  assert kept(0.81, "reach") == [False, True, True, True]
+  assert kept(0.2, "within") == kept(0.2, "reach") == [False, True, False, False]  # the top token always
+  assert sampling.SamplerConfig("ancestral").nucleus_rule == sampling.SamplerConfig("remdm").nucleus_rule == "within"
+  assert sampling.SamplerConfig("confidence").nucleus_rule == "reach"
+  # Through the sampler (probabilities 0.2, 0.5, 0.3): at top_p 0.7 ancestral draws only the top token by
+  # default, also token 2 with reach.
+  oracle = fixed_logits_oracle(np.broadcast_to(np.log([0.2, 0.5, 0.3]), (16, V)))
+  drawn = lambda **kw: set(np.unique(run(sampling.SamplerConfig("ancestral", steps=4, top_p=0.7, **kw), oracle,
+                                         64, 16).tokens).tolist())
+  assert drawn() == {1} and drawn(top_p_rule="reach") == {1, 2}

@@ -297,3 +297,19 @@ def test_bad_lengths():
     sampling.SamplerConfig("confidence", steps=20).check_length(16, 16)
   with pytest.raises(UserError, match="steps=6 is not a multiple of the 4 blocks"):
     sampling.SamplerConfig("blocks", steps=6, block_length=4).check_length(16, 16)
+
+
+def test_logit_cache_recomputes_after_a_step_that_only_remasked():
+  """ReMDM: a step that reveals nothing but remasks a token changed the input; the next step must see fresh
+  logits. The cached run calls the denoiser at step 0 and after every step whose output differs from its
+  input (read off the trajectory), and draws what the uncached run draws."""
+  cfg = dict(name="remdm", steps=48, remask_schedule="cap", remask_eta=0.5, final_step="sample")
+  cached = _run(sampling.SamplerConfig(**cfg, cache=True), n=2)
+  fresh = _run(sampling.SamplerConfig(**cfg, cache=False), n=2)
+  frames = np.concatenate([np.full((1, 2, L), MASK), cached.trajectory])  # frames[k]: the input of step k
+  revealed = ((frames[:-1] == MASK) & (frames[1:] != MASK)).any(axis=(1, 2))
+  remasked = ((frames[:-1] != MASK) & (frames[1:] == MASK)).any(axis=(1, 2))
+  assert (remasked[:-1] & ~revealed[:-1]).any()  # the case under test occurs
+  assert int(cached.num_calls) == 1 + int((revealed | remasked)[:-1].sum())
+  np.testing.assert_array_equal(cached.trajectory, fresh.trajectory)
+  np.testing.assert_array_equal(cached.tokens, fresh.tokens)

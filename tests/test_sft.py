@@ -131,3 +131,65 @@ def test_sft_learns_to_reverse_the_prompt(tmp_path, data_cache):
   print(f"held-out prompts answered exactly: {exact:.3f}, letters right: {letters:.3f}")
   # Chance: 1 in 6**4 = 1296 for a whole answer, 1 in 6 for a letter.
   assert exact >= 0.2 and letters >= 0.6, list(zip(answers, held_out))[:5]
+
+
+def _varied_prompt_rows(batch, length, vocab, seed=0):
+  """Rows whose prompts are 1 to length - 2 tokens long, token id 0 in every prompt (stored as ~0 = -1)."""
+  rng = np.random.default_rng(seed)
+  rows = rng.integers(0, vocab, (batch, length)).astype(np.int32)
+  prompt_lengths = 1 + np.arange(batch) % (length - 2)
+  for row, n in zip(rows, prompt_lengths):
+    row[0] = 0
+    row[:n] = ~row[:n]
+  return rows, length - prompt_lengths
+
+
+@pytest.mark.parametrize("microbatches", [1, 4])
+def test_sft_train_loss_is_each_rows_loss_over_its_answer_length(microbatches):
+  """LLaDA's SFT normalisation: row b's loss over its response length n_b, then the batch mean; the mask
+  rate counts response positions only. The reference divides objective.loss's per-row nats (the same
+  draws) by answer lengths counted here from the rows."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from configs import sft_tiny  # pylint: disable=g-import-not-at-top
+  from diffusion_lm import experiment, sharding  # pylint: disable=g-import-not-at-top
+  from diffusion_lm.model import Transformer  # pylint: disable=g-import-not-at-top
+  config = sft_tiny.get_config("unused.jsonl")
+  config.training.update(batch_size=8, microbatches=microbatches)
+  vocab, length = 9, config.data.seq_len
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  model = Transformer(experiment.model_config(config, vocab))
+  tx, _ = experiment.make_optimizer(config)
+  _, shardings = experiment.state_shardings(model, tx, mesh, length)
+  state = experiment.init_state(model, tx, mesh, jax.random.key(0), length, shardings)
+  rows, answer_lengths = _varied_prompt_rows(8, length, vocab)
+  step = experiment.jit_train_step(config, model, tx, mesh, shardings, vocab, 0)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    nats_B, masked_B = objectives.get("sft").loss(
+        model, state.params, jnp.asarray(rows), jax.random.fold_in(jax.random.key(3), 0),
+        schedule=experiment.schedule_from_config(config), mask_id=vocab, bos_id=0)
+    _, metrics = step(state, jnp.asarray(rows), jax.random.key(3))
+  nats_B, masked_B = np.asarray(nats_B, np.float64), np.asarray(masked_B, np.float64)
+  np.testing.assert_allclose(float(metrics["loss"]), np.mean(nats_B / answer_lengths), rtol=2e-5)
+  np.testing.assert_allclose(float(metrics["mask_rate"]), masked_B.sum() / answer_lengths.sum(), rtol=1e-6)
+  assert abs(np.mean(nats_B / answer_lengths) - nats_B.mean() / length) > 0.05  # the two rules differ here
+
+
+def test_sft_evaluation_counts_response_positions_only():
+  """A uniform denoiser over V tokens scores log V nats per response token (the ELBO of a uniform guess),
+  however long the prompts: 8 prompt positions of 12 must not dilute it to a third."""
+  from diffusion_lm import experiment  # pylint: disable=g-import-not-at-top
+  vocab, length, batch = 8, 12, 512
+
+  class Uniform:
+    config = type("C", (), {"d_model": 8, "time_conditioning": False})
+
+    def apply(self, variables, tokens, t, **kwargs):
+      return jnp.zeros(tokens.shape + (vocab,), jnp.float32)
+
+  rows = np.random.default_rng(1).integers(0, vocab, (batch, length)).astype(np.int32)
+  rows[:, :8] = ~rows[:, :8]
+  rows[:, 0] = ~0
+  out = experiment.eval_step(None, jnp.asarray(rows), jnp.ones((batch,), bool), jax.random.key(0), model=Uniform(),
+                             schedule=Schedule("linear"), mask_id=vocab, num_t_samples=4, objective="sft")
+  assert int(out["tokens"]) == batch * 4
+  np.testing.assert_allclose(float(out["nats"]) / float(out["tokens"]), np.log(vocab), rtol=0.06)

@@ -2,7 +2,7 @@
 
 from diffusion_lm import autoregressive
 from diffusion_lm.errors import UserError
-from diffusion_lm.objectives.base import Objective, bind
+from diffusion_lm.objectives.base import Objective, bind, check_learned_positions
 
 
 class Autoregressive(Objective):
@@ -38,5 +38,9 @@ class Autoregressive(Objective):
     del schedule, eos_id
     if cfg.approx_cache != "none":
       raise UserError(f"approx_cache={cfg.approx_cache!r} for an AR model; allowed: none (its KV cache is exact)")
+    check_learned_positions(model.config, tokens_BxL.shape[1])
+    if cfg.guidance > 0:
+      raise UserError(f"guidance={cfg.guidance} for an autoregressive model; allowed: 0 (left-to-right decoding "
+                      "has no unconditional pass)")
     return autoregressive.decode(model, params, key, tokens_BxL, example_ids_B, cfg, mask_id=mask_id,
                                  bos_id=bos_id, return_trajectory=return_trajectory)

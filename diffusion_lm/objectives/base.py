@@ -5,6 +5,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from diffusion_lm.errors import UserError
 from diffusion_lm.samplers import SampleOutput, SamplerConfig, SplitDenoiser
 from diffusion_lm.schedules import Schedule
 
@@ -84,6 +85,21 @@ def bind_split(model, params) -> SplitDenoiser:
   return SplitDenoiser(trunk=trunk, logits_at=logits_at)
 
 
+def hold_first(keep_BxL, tokens_BxL):
+  """keep_BxL (or None) with position 0 added: data.ignore_bos on framed windows, whose position 0 is always
+  the frame id (BD3-LM's ignore_bos: never masked in training, not scored in evaluation)."""
+  first = jnp.zeros(tokens_BxL.shape, bool).at[:, 0].set(True)
+  return first if keep_BxL is None else keep_BxL | first
+
+
+def check_learned_positions(model_config, length: int) -> None:
+  """A learned position table (model.position='learned', GPT-2) has max_len rows: cached decoding, which may
+  otherwise slide past max_len, cannot go beyond them."""
+  if model_config.position == "learned" and length > model_config.max_len:
+    raise UserError(f"sequence length {length} with model.position='learned'; allowed: at most the model's "
+                    f"max_len={model_config.max_len} (a learned position table has no rows past it)")
+
+
 class Objective:
   """One training objective. Stateless; methods are pure and jit-safe (called inside jitted steps)."""
 
@@ -102,6 +118,12 @@ class Objective:
   def loss(self, model, params, tokens_BxL, key, *, schedule: Schedule, mask_id: int, bos_id: int):
     """(nats_B, num_masked_B): the per-sequence training loss in nats (a bound or the exact NLL)."""
     raise NotImplementedError
+
+  def scored_positions(self, tokens_BxL):
+    """float32[B]: the positions of each row the loss and the per-token figures count, or None when every
+    position counts (then per-token figures divide by the row length). Prompted objectives count only
+    their response positions."""
+    return None
 
   def noise(self, model, tokens_BxL, key, *, schedule: Schedule, mask_id: int, bos_id: int, **extra):
     """The loss's random draws for the whole batch as a dict of arrays leading with B (the same draws

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_lm import diffusion, samplers
-from diffusion_lm.objectives.base import Objective, bind, bind_forward, bind_split
+from diffusion_lm.objectives.base import Objective, bind, bind_forward, bind_split, hold_first
 from diffusion_lm.samplers import approx_cache, published
 
 
@@ -23,10 +23,18 @@ class MaskedDiffusion(Objective):
     """(clean tokens, positions held clean or None) of a batch; prompted objectives override it."""
     return tokens_BxL, None
 
-  def loss(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id, visible_future=None):
-    """visible_future (attention-mask annealing, DiffuLLaMA): each position sees every earlier one and
-    this share of the later ones, drawn at random per step (one pattern for the batch)."""
+  def held(self, tokens_BxL, ignore_bos: bool):
+    """(clean tokens, positions held clean and unscored or None): the prompt (sft) and, with ignore_bos,
+    position 0."""
     tokens_BxL, keep_BxL = self.split(tokens_BxL)
+    return tokens_BxL, hold_first(keep_BxL, tokens_BxL) if ignore_bos else keep_BxL
+
+  def loss(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id, visible_future=None,
+           ignore_bos=False):
+    """visible_future (attention-mask annealing, DiffuLLaMA): each position sees every earlier one and
+    this share of the later ones, drawn at random per step (one pattern for the batch). ignore_bos:
+    position 0 is never masked (BD3-LM's ignore_bos on framed windows)."""
+    tokens_BxL, keep_BxL = self.held(tokens_BxL, ignore_bos)
     apply = bind(model, params)
     if visible_future is not None:
       key, anneal_key = jax.random.split(key)
@@ -37,10 +45,10 @@ class MaskedDiffusion(Objective):
     out = diffusion.diffusion_loss(apply, tokens_BxL, key, schedule, mask_id, keep_BxL=keep_BxL)
     return out["nelbo"], out["num_masked"]
 
-  def noise(self, model, tokens_BxL, key, *, schedule, mask_id, bos_id, visible_future=None):
+  def noise(self, model, tokens_BxL, key, *, schedule, mask_id, bos_id, visible_future=None, ignore_bos=False):
     if visible_future is not None:  # one attention pattern for the whole batch: not split by rows
       return None
-    tokens_BxL, keep_BxL = self.split(tokens_BxL)
+    tokens_BxL, keep_BxL = self.held(tokens_BxL, ignore_bos)
     return diffusion.diffusion_noise(tokens_BxL, key, schedule, mask_id, keep_BxL=keep_BxL)
 
   def row_losses(self, model, params, rows, *, bos_id):
@@ -48,11 +56,12 @@ class MaskedDiffusion(Objective):
     return out["nelbo"], out["num_masked"]
 
   def eval_nats(self, model, params, tokens_BxL, key, *, schedule, mask_id, bos_id, num_t_samples,
-                discrete_steps):
+                discrete_steps, ignore_bos=False):
     """Time draws are stratified: the k-th of n draws for a row is at (k + u) / n with one uniform u per
-    row, an unbiased low-variance estimate."""
+    row, an unbiased low-variance estimate. ignore_bos: position 0 is neither masked nor counted ("scored":
+    the L - 1 other positions)."""
     apply, schedule = bind_forward(model, params), schedule.bound_schedule
-    tokens_BxL, keep_BxL = self.split(tokens_BxL)
+    tokens_BxL, keep_BxL = self.held(tokens_BxL, ignore_bos)
     batch_size = tokens_BxL.shape[0]
     time_key, mask_key, discrete_key = jax.random.split(key, 3)
     u_B = jax.random.uniform(time_key, (batch_size,))
@@ -71,6 +80,8 @@ class MaskedDiffusion(Objective):
     out = {"nats": cont_B / num_t_samples}
     if discrete_steps:
       out["nats_discrete"] = disc_B / num_t_samples
+    if ignore_bos:
+      out["scored"] = jnp.full((batch_size,), tokens_BxL.shape[1] - 1, jnp.float32)
     return out
 
   def generate(self, model, params, key, tokens_BxL, example_ids_B, cfg, *, schedule, mask_id, bos_id, eos_id,

@@ -35,8 +35,9 @@ from diffusion_lm.samplers import confidence, remdm, threshold
 from diffusion_lm.samplers.common import (SampleOutput, Run, SplitDenoiser, confidence_scores, draw_tokens,
                                           filter_logits, guided, rank_desc, time_grid)
 from diffusion_lm.samplers.conditioning import prompt_tokens, template_tokens
-from diffusion_lm.samplers.config import (APPROX_CACHES, COMMIT_SCHEDULES, CONFIDENCE_ALIASES, CONFIDENCES, PUBLISHED,
-                                          REMASK_SCHEDULES, SAMPLERS, TIME_GRIDS, SamplerConfig, check_steps)
+from diffusion_lm.samplers.config import (APPROX_CACHES, COMMIT_SCHEDULES, CONFIDENCE_ALIASES, CONFIDENCES, FINAL_STEPS,
+                                          PUBLISHED, REMASK_SCHEDULES, SAMPLERS, TIME_GRIDS, TOP_P_RULES, SamplerConfig,
+                                          check_steps)
 from diffusion_lm.errors import UserError
 from diffusion_lm.schedules import Schedule
 
@@ -85,6 +86,7 @@ def ancestral_sample(denoiser, key, tokens_BxL, example_ids_B, *, steps: int, sc
   return (out.tokens, out.trajectory) if return_trajectory else out.tokens
 
 
-__all__ = ["APPROX_CACHES", "COMMIT_SCHEDULES", "CONFIDENCE_ALIASES", "CONFIDENCES", "PUBLISHED", "REMASK_SCHEDULES", "SAMPLERS", "TIME_GRIDS", "SampleOutput",
+__all__ = ["APPROX_CACHES", "COMMIT_SCHEDULES", "CONFIDENCE_ALIASES", "CONFIDENCES", "FINAL_STEPS", "PUBLISHED",
+           "REMASK_SCHEDULES", "TOP_P_RULES", "SAMPLERS", "TIME_GRIDS", "SampleOutput",
            "SamplerConfig", "SplitDenoiser", "ancestral_sample", "check_steps", "confidence_scores", "draw_tokens", "filter_logits",
            "guided", "prompt_tokens", "rank_desc", "sample", "template_tokens", "time_grid"]

@@ -27,8 +27,13 @@ class SampleOutput(NamedTuple):
 # ----------------------------------------------------------------------------- token draws
 
 
-def filter_logits(logits_BxLxK, top_k: int = 0, top_p: float = 1.0):
-  """Top-k then nucleus filtering: removed tokens get -inf. float32 in, float32 out."""
+def filter_logits(logits_BxLxK, top_k: int = 0, top_p: float = 1.0, rule: str = "reach"):
+  """Top-k then nucleus filtering: removed tokens get -inf. float32 in, float32 out.
+
+  Nucleus rule (the most likely token is always kept): reach keeps the smallest set whose mass reaches
+  top_p (a token is kept while the mass before it is < top_p; Holtzman et al., transformers); within keeps
+  the tokens whose cumulative mass, their own included, is <= top_p (ReMDM's and BD3-LM's code).
+  """
   logits = logits_BxLxK.astype(jnp.float32)
   if top_k and top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
@@ -36,9 +41,10 @@ def filter_logits(logits_BxLxK, top_k: int = 0, top_p: float = 1.0):
   if top_p < 1.0:
     sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
     probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep a token if the mass strictly before it is < top_p (the top token is always kept).
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
+    cumulative = jnp.cumsum(probs, axis=-1)
+    keep = cumulative <= top_p if rule == "within" else cumulative - probs < top_p
+    keep = keep.at[..., 0].set(True)
+    kept = jnp.where(keep, sorted_logits, jnp.inf)
     cutoff = jnp.min(kept, axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
   return logits
@@ -54,7 +60,7 @@ def draw_tokens(key_B, logits_BxLxK, cfg: SamplerConfig):
     # on a 1024-token vocabulary is most of a sampling step's cost beyond the forward pass.
     u_BxL = None if cfg.temperature == 0 else draw_uniforms(key_B, logits_BxLxK.shape[1])
     return draw_tokens_with(u_BxL, logits_BxLxK, cfg)
-  logits = filter_logits(logits_BxLxK / cfg.temperature, cfg.top_k, cfg.top_p)
+  logits = filter_logits(logits_BxLxK / cfg.temperature, cfg.top_k, cfg.top_p, cfg.nucleus_rule)
   # Gumbel-max in float64: float32 Gumbel noise is bounded (about 16 nats above its mode), so
   # tokens far below the top one are never drawn; that lowers sample entropy and distorts
   # generative perplexity.
@@ -74,9 +80,10 @@ def draw_tokens_with(u_BxQ, logits_BxQxK, cfg: SamplerConfig):
   """draw_tokens with its uniforms given (None at temperature 0; float32 draws only): (tokens int32[B, Q],
   probs float32[B, Q, K])."""
   if cfg.temperature == 0:
-    logits = filter_logits(logits_BxQxK, cfg.top_k, cfg.top_p)
+    logits = filter_logits(logits_BxQxK, cfg.top_k, cfg.top_p, cfg.nucleus_rule)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), jax.nn.softmax(logits, axis=-1)
-  probs = jax.nn.softmax(filter_logits(logits_BxQxK / cfg.temperature, cfg.top_k, cfg.top_p), axis=-1)
+  probs = jax.nn.softmax(filter_logits(logits_BxQxK / cfg.temperature, cfg.top_k, cfg.top_p, cfg.nucleus_rule),
+                         axis=-1)
   return inverse_cdf(u_BxQ, probs), probs
 
 

@@ -16,6 +16,10 @@ COMMIT_SCHEDULES = ("linear", "cosine")
 TIME_GRIDS = ("uniform", "cosine")
 REMASK_SCHEDULES = ("cap", "rescale", "conf", "loop")
 APPROX_CACHES = ("none", "prefix", "dual")
+FINAL_STEPS = ("auto", "argmax", "sample")
+TOP_P_RULES = ("auto", "within", "reach")
+# Where MDLM's and ReMDM's time grid ends (their sampling eps) when the last step is followed by an argmax.
+FINAL_T = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +51,14 @@ class SamplerConfig:
   remask_t_off: float = 0.0
   remask_alpha_on: float = 0.9  # remdm loop: alpha held inside the loop window
   guidance: float = 0.0  # classifier-free guidance weight on the given tokens (0 = off)
+  # ancestral/remdm: argmax = MDLM's / ReMDM's noise_removal (the grid ends at t = FINAL_T, then positions
+  # still masked take the argmax of one more denoiser pass); sample = the grid ends at 0 and the last step
+  # reveals every position by a draw. auto: argmax, except inside block decoding (BD3-LM has no such pass).
+  final_step: str = "auto"
+  # within = ReMDM's / BD3-LM's nucleus (tokens whose cumulative mass, their own included, is <= top_p; the top
+  # one always); reach = the smallest set whose mass reaches top_p (transformers). auto: within for ancestral
+  # and remdm, reach for the others.
+  top_p_rule: str = "auto"
 
   @property
   def threshold_decoding(self) -> bool:
@@ -62,6 +74,8 @@ class SamplerConfig:
     _choice("time_grid", self.time_grid, TIME_GRIDS)
     _choice("remask_schedule", self.remask_schedule, REMASK_SCHEDULES)
     _choice("approx_cache", self.approx_cache, APPROX_CACHES)
+    _choice("final_step", self.final_step, FINAL_STEPS)
+    _choice("top_p_rule", self.top_p_rule, TOP_P_RULES)
     if self.approx_cache != "none" and self.name not in ("blocks", "fast_dllm"):
       raise UserError(f"approx_cache={self.approx_cache!r} with sampler={self.name!r}; allowed: the blocks or "
                       "fast_dllm sampler (or approx_cache='none')")
@@ -115,6 +129,18 @@ class SamplerConfig:
                       (" (0 = one block)" if low == 0 else ""))
     if self.guidance < 0:
       raise UserError(f"guidance={self.guidance}; allowed: a number >= 0")
+
+  @property
+  def argmax_last(self) -> bool:
+    """ancestral/remdm end with MDLM's noise removal (see final_step)."""
+    return self.final_step != "sample"
+
+  @property
+  def nucleus_rule(self) -> str:
+    """within | reach: top_p_rule with auto resolved for this sampler."""
+    if self.top_p_rule != "auto":
+      return self.top_p_rule
+    return "within" if self.name in ("ancestral", "remdm") else "reach"
 
   def check_length(self, length: int, num_masked: int) -> None:
     """Checks the settings against a sequence of `length` with `num_masked` positions to fill."""

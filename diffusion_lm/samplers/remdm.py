@@ -18,6 +18,13 @@ valid for 0 <= sigma <= sigma_max = min(1, (1 - alpha_s) / alpha_t). Schedules o
 cap / rescale / conf remask only while t_off < t <= t_on ("switch"; the defaults 1 and 0 mean always).
 Ancestral sampling is sigma = 0: the same loop, draw for draw. When a step changes nothing and the
 denoiser ignores t, the next step reuses its logits (the "no change" cache).
+
+The end of the loop (final_step): argmax, as MDLM's and ReMDM's code with noise_removal (the setting of
+their generative-perplexity tables): the grid runs from t = 1 to t = FINAL_T (their eps, 1e-5), not to 0,
+so a few positions may still be masked after the last step; one more denoiser pass at t = FINAL_T fills
+those with its argmax. sample: the grid ends at t = 0 and the last step reveals every position by a draw.
+One difference from their loop is kept: no position is remasked at the last step (theirs remasks with
+probability about FINAL_T there).
 """
 
 import jax
@@ -25,6 +32,7 @@ import jax.numpy as jnp
 
 from diffusion_lm.samplers.common import (Run, SampleOutput, confidence_scores, draw_tokens, draw_tokens_with,
                                           draw_uniforms, gather_width, time_grid)
+from diffusion_lm.samplers.config import FINAL_T
 
 
 def _alpha_path(run: Run, t):
@@ -46,6 +54,8 @@ def step_rates(run: Run, i):
   """
   cfg = run.cfg
   t, s = time_grid(cfg.time_grid, i, cfg.steps), time_grid(cfg.time_grid, i + 1, cfg.steps)
+  if cfg.argmax_last:  # MDLM / ReMDM: linspace(1, eps, steps + 1)
+    t, s = FINAL_T + (1.0 - FINAL_T) * t, FINAL_T + (1.0 - FINAL_T) * s
   alpha_t, alpha_s = _alpha_path(run, t), _alpha_path(run, s)
   sigma_max = jnp.minimum(1.0, (1.0 - alpha_s) / jnp.maximum(alpha_t, 1e-12))
   if cfg.name == "ancestral":
@@ -93,8 +103,9 @@ def sample(run: Run, tokens_BxL) -> SampleOutput:
       sigma_BxL = sigma_max * jnp.where(generated, weights, 0.0)
     else:
       sigma_BxL = jnp.broadcast_to(sigma, x.shape)
-    reveal_prob = jnp.where(
-        i == cfg.steps - 1, 1.0, (alpha_s - (1.0 - sigma_BxL) * alpha_t) / jnp.maximum(1.0 - alpha_t, 1e-12))
+    reveal_prob = (alpha_s - (1.0 - sigma_BxL) * alpha_t) / jnp.maximum(1.0 - alpha_t, 1e-12)
+    if not cfg.argmax_last:  # the grid ends at t = 0: everything left is revealed by a draw
+      reveal_prob = jnp.where(i == cfg.steps - 1, 1.0, reveal_prob)
     u_reveal = jax.vmap(lambda k: jax.random.uniform(k, (length,)))(keys[:, 1])
     reveal = masked & (u_reveal < reveal_prob)
     if cfg.name == "ancestral":
@@ -121,7 +132,23 @@ def sample(run: Run, tokens_BxL) -> SampleOutput:
   init = (tokens_BxL, conf0, cache0, jnp.array(True), run.trajectory(), jnp.zeros((batch_size,), jnp.int32),
           jnp.int32(0))
   x, _, _, _, traj, used, calls = jax.lax.fori_loop(0, cfg.steps, body, init)
+  if cfg.argmax_last:
+    x, filled = _noise_removal(run, x)
+    traj, calls = run.record(traj, cfg.steps - 1, x), calls + filled
   return SampleOutput(x, traj, used, calls, run.full_lengths())
+
+
+def _noise_removal(run: Run, x_BxL):
+  """(tokens, denoiser calls made): the positions still masked after the loop take the argmax of one more
+  denoiser pass at t = FINAL_T (MDLM's noise_removal); no pass when nothing is masked."""
+  masked = x_BxL == run.mask_id
+  t_B = jnp.full((run.batch_size,), FINAL_T, jnp.float32)
+
+  def fill():
+    best = jnp.argmax(run.denoise(x_BxL, t_B, run.cfg.steps), axis=-1).astype(jnp.int32)
+    return jnp.where(masked, best, x_BxL), jnp.int32(1)
+
+  return jax.lax.cond(jnp.any(masked), fill, lambda: (x_BxL, jnp.int32(0)))
 
 
 def _draw_revealed(run: Run, split, trunk, x_BxL, t_B, keys, reveal_BxL, width: int, with_scores: bool):
