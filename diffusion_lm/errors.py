@@ -181,6 +181,9 @@ def _flag_error_message(error: BaseException, argv) -> str:
     name = key.group(1) if key else None
     override = next((a.split("=")[0] for a in argv[1:] if name and a.startswith("--config") and "." in a.split("=")[0]
                      and re.search(rf"\.{name}(\.|$)", a.split("=")[0])), None)
+    if override and override.startswith("--config.model.") and "distill" in str(argv[0] if argv else ""):
+      return (f"unknown config key {override!r}: distill builds the student with the teacher's network (the "
+              "teacher workdir's model); allowed: the keys of configs/distill.py (distill.*, training.*, ...)")
     return (f"unknown config key {override or name!r}"
             + (f"; did you mean {close.group(1)!r}?" if close else "; see configs/default.py (configs/distill.py for "
                "distill) for the keys"))
