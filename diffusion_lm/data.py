@@ -757,11 +757,18 @@ def prompt_response_rows(data_config, split: str, tokenizer, token_chars=None) -
   if split not in ("train", "validation"):
     raise UserError(f"split {split!r} of prompt/response pairs; allowed: train, validation")
   seq_len = data_config.seq_len
+  # data.frame_open = "bos" (configs/encoder_sft.py): the prompt is a BERT first segment, [CLS] prompt [SEP].
+  framed = data_config.get("frame_open", "") == "bos"
+  if framed and getattr(tokenizer, "bos_id", None) is None:
+    raise UserError("data.frame_open='bos' with a tokenizer that has none of [CLS], <s>, <bos>; allowed: '' or an "
+                    "hf tokenizer with one of them")
   rows = []
   for prompt, response in read_prompt_response(data_config.path):
     if pair_split(prompt, response, data_config.validation_percent) != split:
       continue
     prompt_ids, response_ids = tokenizer.encode(prompt), tokenizer.encode(response)
+    if framed:
+      prompt_ids = [tokenizer.bos_id] + prompt_ids + [tokenizer.eos_id]
     length = len(prompt_ids) + len(response_ids)
     if length >= seq_len:
       raise UserError(f"a prompt/response pair of {length} tokens leaves no room for the end-of-text in "

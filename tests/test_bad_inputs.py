@@ -96,7 +96,10 @@ def test_a_bad_metrics_line_in_the_middle_is_named(tmp_path):
 def test_evaluate_prints_its_result_when_eval_jsonl_cannot_be_written(trained_workdir, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(trained_workdir, workdir)
-  os.makedirs(os.path.join(workdir, "eval.jsonl"))  # unwritable as a file, even for root
+  target = os.path.join(workdir, "eval.jsonl")
+  if os.path.isfile(target):  # an earlier evaluation of the shared workdir wrote one
+    os.remove(target)
+  os.makedirs(target)  # unwritable as a file, even for root
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
   out = subprocess.run([sys.executable, "-m", "diffusion_lm.evaluate", f"--workdir={workdir}", "--max_batches=1"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
