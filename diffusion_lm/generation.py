@@ -32,7 +32,7 @@ class Generator:
     self.return_trajectory = return_trajectory
     self.objective = objectives.of_model(model.config)
     self.causal = model.config.causal
-    self._shifted = model.config.shift_logits
+    self.shifted = bool(model.config.shift_logits)
     self.block_size = model.config.block_size
     self.published = cfg.name in published.DECODERS
     if self.published and (self.causal or self.block_size or self.objective.name not in ("diffusion", "sft")):
@@ -57,10 +57,6 @@ class Generator:
     self.compile_seconds = {}  # (batch, length) -> seconds spent compiling it
 
   @property
-  def shifted(self) -> bool:
-    return bool(self._shifted)
-
-  @property
   def num_compiles(self) -> int:
     return len(self._compiled)
 
@@ -80,7 +76,7 @@ class Generator:
     if not (self.causal or self.block_size):
       self.cfg.check_length(seq_len, int((row == self.tokenizer.mask_id).sum()))
     if self.published:
-      published.check(self.cfg, seq_len, self.generation_start(row[None]), bool(self.shifted))
+      published.check(self.cfg, seq_len, self.generation_start(row[None]), self.shifted)
     return np.tile(row, (num_samples, 1))
 
   def generation_start(self, tokens_BxL: np.ndarray) -> int:

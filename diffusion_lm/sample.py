@@ -113,6 +113,7 @@ def main(argv):
     raise UserError(f"--html={FLAGS.html} is a directory; allowed: the path of an .html file to write")
   trained = experiment.load_trained(FLAGS.workdir, use_ema=not FLAGS.raw_params)
   model_config = trained.model.config
+  overrides = {name: getattr(FLAGS, name) for name in _OVERRIDES}
   if FLAGS.chat:
     from diffusion_lm import chat  # pylint: disable=g-import-not-at-top
     if FLAGS.prompt or FLAGS.suffix or FLAGS.infill or FLAGS.seq_len:
@@ -120,14 +121,14 @@ def main(argv):
     answer, gen = chat.reply(trained, chat.load_template(experiment.tokenizer_dir(FLAGS.workdir)),
                              [{"role": "user", "content": FLAGS.chat}], max_new_tokens=FLAGS.max_new_tokens or 128,
                              seed=FLAGS.seed, sampler=FLAGS.sampler,
-                             **{name: getattr(FLAGS, name) for name in _OVERRIDES})
+                             **overrides)
     print(f"# {gen.describe()}; {gen.forward_summary()}\n{answer}", flush=True)
     return
   cached = model_config.causal or model_config.block_size  # lengths vary: each sample says its own
   gen = api.generate_tokens(trained, prompt=FLAGS.prompt, suffix=FLAGS.suffix, infill=FLAGS.infill,
                             num_samples=FLAGS.num_samples, seq_len=FLAGS.seq_len, max_new_tokens=FLAGS.max_new_tokens,
                             seed=FLAGS.seed, sampler=FLAGS.sampler, return_trajectory=bool(FLAGS.show or FLAGS.html),
-                            **{name: getattr(FLAGS, name) for name in _OVERRIDES})
+                            **overrides)
   out, texts, tokens, cfg = gen.output, gen.texts, gen.template, gen.sampler
   meta = gen.describe()
   if FLAGS.show:

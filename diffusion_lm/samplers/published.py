@@ -3,7 +3,8 @@
 Each is a preset (`SamplerConfig.name`) over one engine: the generation region starts at the prompt's end
 (`gen_start`, the first [MASK] of the row) and is cut into blocks of `block_length` (0 = one block); each
 block is denoised by steps that draw a token for every masked position of the block and commit some of
-them, ranked by confidence at full precision, ties to the lowest position (as torch.topk on these inputs).
+them, ranked by confidence at full precision, ties to the lowest position (torch.topk's order among exact
+ties is unspecified; the reference-parity grid has no case that hangs on one).
 
   llada      LLaDA's `generate` (generate.py): `steps` split evenly over the blocks; in a block of N masked
              positions and S steps, step i commits N // S tokens, one more for the first N % S steps;
