@@ -238,7 +238,7 @@ def test_encoder_diffusion_then_sft_then_export(imported, tmp_path):
   path = tmp_path / "pairs.jsonl"
   path.write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
   config = encoder_sft.get_config(str(tmp_path / "diffusion"))
-  config.data.update(path=str(path), validation_percent=30.0, seq_len=16)
+  config.data.update(path=str(path), validation_percent=30.0, seq_len=24)
   chat = _train_tiny(config, str(tmp_path / "sft"))
   assert chat.config.objective == "sft"
   _moved_slightly(chat, tuned)
