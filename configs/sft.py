@@ -7,7 +7,8 @@
 
 The argument is the source workdir: its model settings and tokenizer are copied (config.init_from
 starts the new workdir from its EMA parameters), the objective is sft, the data a JSONL file of
-{"prompt": ..., "response": ...} lines (data.path). Other fields are this file's fine-tuning defaults
+{"prompt": ..., "response": ...} lines (data.path), or {"messages": [...]} conversations rendered by the
+source's chat template (one row per assistant turn). Other fields are this file's fine-tuning defaults
 and take --config.* overrides as usual.
 """
 

@@ -698,32 +698,78 @@ def eval_batches(windows: Windows, batch_size: int, max_batches: int = 0, seed: 
 # ----------------------------------------------------------------------------- prompt/response pairs
 
 
-def read_prompt_response(path: str) -> list[tuple[str, str]]:
-  """(prompt, response) pairs of a JSONL file, one {"prompt": ..., "response": ...} object a line."""
+def read_prompt_response(path: str, render=None) -> list[tuple[str, str]]:
+  """(prompt, response) pairs of a JSONL file (see read_sft_records)."""
+  return [(prompt, response) for prompt, response, _ in read_sft_records(path, render)]
+
+
+def read_sft_records(path: str, render=None) -> list[tuple[str, str, str]]:
+  """(prompt, response, split key) of a JSONL file whose lines are {"prompt": ..., "response": ...}
+  pairs or {"messages": [{"role": ..., "content": ...}, ...]} conversations.
+
+  A conversation is rendered by the model's chat template, `render(messages, add_generation_prompt)`
+  (chat.render bound to the workdir's template and tokenizer), and gives one pair per assistant turn, as
+  LLaDA's SFT treats a multi-turn dialogue: the prompt is the rendered history up to that turn with the
+  generation prompt, the response the rest of the rendering of that turn (its end-of-turn token
+  included). The split key is the whole conversation, so its turns land in one split together."""
   if not paths.isfile(path):
     raise UserError(f"data.path={path!r}: no such file; allowed: a JSONL file of {{\"prompt\": ..., "
-                    "\"response\": ...}} lines (data.source='jsonl')")
-  pairs = []
+                    "\"response\": ...}} or {\"messages\": [...]} lines (data.source='jsonl')")
+  records = []
   for number, line in enumerate(paths.read_text(path).splitlines(), 1):
     if not line.strip():
       continue
     try:
       record = json.loads(line)
+    except ValueError:
+      record = None
+    if isinstance(record, dict) and "messages" in record:
+      records.extend(_conversation_pairs(record["messages"], render, f"{path}:{number}"))
+      continue
+    try:
       prompt, response = record["prompt"], record["response"]
-    except (ValueError, KeyError, TypeError):
-      raise UserError(f"{path}:{number}: not a JSON object with string fields prompt and response; allowed: "
-                      "one {\"prompt\": ..., \"response\": ...} object per line") from None
+    except (KeyError, TypeError):
+      raise UserError(f"{path}:{number}: not a JSON object with string fields prompt and response (or a messages "
+                      "list); allowed: one {\"prompt\": ..., \"response\": ...} or {\"messages\": [{\"role\": ..., "
+                      "\"content\": ...}, ...]} object per line") from None
     if not isinstance(prompt, str) or not isinstance(response, str):
       raise UserError(f"{path}:{number}: prompt and response must be strings")
-    pairs.append((prompt, response))
-  if not pairs:
+    records.append((prompt, response, json.dumps([prompt, response])))
+  if not records:
     raise UserError(f"data.path={path!r} holds no prompt/response pairs")
+  return records
+
+
+def _conversation_pairs(messages, render, where: str) -> list[tuple[str, str, str]]:
+  if render is None:
+    raise UserError(f"{where}: chat messages need the model's chat template; allowed: fine-tune a workdir that "
+                    "has one (config.init_from = an instruct model imported with its chat template), or "
+                    "prompt/response lines")
+  if not isinstance(messages, list) or not messages or not all(
+      isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+    raise UserError(f"{where}: messages={str(messages)[:80]!r}; allowed: a non-empty list of "
+                    "{\"role\": str, \"content\": str}")
+  turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+  if not turns or turns[0] == 0:
+    raise UserError(f"{where}: a conversation with no assistant turn after a prompt; allowed: messages holding "
+                    "at least one {\"role\": \"assistant\"} message after another message")
+  key = json.dumps(messages, sort_keys=True)
+  pairs = []
+  for i in turns:
+    prompt = render(messages[:i], True)
+    whole = render(messages[:i + 1], False)
+    if not whole.startswith(prompt):
+      raise UserError(f"{where}: the chat template's rendering of turn {i} does not extend the rendered prompt "
+                      "(the template writes history differently once answered); allowed: a template whose "
+                      "rendering of a conversation begins with the rendering of its history")
+    pairs.append((prompt, whole[len(prompt):], key))
   return pairs
 
 
-def pair_split(prompt: str, response: str, validation_percent: float) -> str:
-  """'train' or 'validation' for one pair, by a hash of its text (stable whatever the file order)."""
-  digest = zlib.crc32(json.dumps([prompt, response]).encode())
+def pair_split(prompt: str, response: str, validation_percent: float, key: str | None = None) -> str:
+  """'train' or 'validation' for one pair, by a hash of its text (stable whatever the file order); `key`
+  (a conversation's text) replaces the pair's own when given."""
+  digest = zlib.crc32((json.dumps([prompt, response]) if key is None else key).encode())
   return "validation" if digest % 10_000 < validation_percent * 100 else "train"
 
 
@@ -752,8 +798,9 @@ class PromptResponseRows(Windows):
     return scored.sum(axis=-1)
 
 
-def prompt_response_rows(data_config, split: str, tokenizer, token_chars=None) -> PromptResponseRows:
-  """The split's pairs of data.path as rows of data.seq_len tokens (see PromptResponseRows)."""
+def prompt_response_rows(data_config, split: str, tokenizer, token_chars=None, render=None) -> PromptResponseRows:
+  """The split's pairs of data.path as rows of data.seq_len tokens (see PromptResponseRows); `render`
+  renders chat messages (see read_sft_records)."""
   if split not in ("train", "validation"):
     raise UserError(f"split {split!r} of prompt/response pairs; allowed: train, validation")
   seq_len = data_config.seq_len
@@ -763,8 +810,8 @@ def prompt_response_rows(data_config, split: str, tokenizer, token_chars=None) -
     raise UserError("data.frame_open='bos' with a tokenizer that has none of [CLS], <s>, <bos>; allowed: '' or an "
                     "hf tokenizer with one of them")
   rows = []
-  for prompt, response in read_prompt_response(data_config.path):
-    if pair_split(prompt, response, data_config.validation_percent) != split:
+  for prompt, response, key in read_sft_records(data_config.path, render):
+    if pair_split(prompt, response, data_config.validation_percent, key) != split:
       continue
     prompt_ids, response_ids = tokenizer.encode(prompt), tokenizer.encode(response)
     if framed:

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from diffusion_lm import autoregressive, checkpointing, data, diffusion, objectives, paths, sharding, tokenizers
+from diffusion_lm import autoregressive, chat, checkpointing, data, diffusion, objectives, paths, sharding, tokenizers
 from diffusion_lm.errors import UserError, check_seed
 from diffusion_lm.model import RUNTIME_FIELDS, ModelConfig, Transformer
 from diffusion_lm.schedules import Schedule
@@ -169,6 +169,10 @@ def _train_tokenizer(config, workdir: str):
     logging.info("training a %s tokenizer on %d train passages", config.tokenizer.kind, len(split))
     tokenizer = tokenizers.train_tokenizer(config.tokenizer, split.texts())
   tokenizers.save_tokenizer(tokenizer, tokenizer_dir(workdir))
+  if config.get("init_from"):
+    # An instruct model's chat template goes with its vocabulary: the tuned model chats, and chat-message
+    # SFT data is rendered by it.
+    chat.save_template(tokenizer_dir(workdir), chat.load_template(tokenizer_dir(config.init_from)))
   return tokenizer
 
 
@@ -184,12 +188,21 @@ def frame_ids(config, tokenizer) -> tuple[int, int]:
   return (tokenizer.bos_id if opening else tokenizer.eos_id, tokenizer.eos_id)
 
 
+def chat_renderer(workdir: str, tokenizer):
+  """render(messages, add_generation_prompt) by the workdir's chat template; None when it has none."""
+  template = chat.load_template(tokenizer_dir(workdir))
+  if not template:
+    return None
+  return lambda messages, add_generation_prompt: chat.render(template, messages, tokenizer, add_generation_prompt)
+
+
 def load_windows(config, workdir: str, tokenizer, split: str):
   """(Windows with per-token character counts, TokenizedSplit) of a split, tokenized once and cached.
 
   Prompt/response pairs (data.source='jsonl'): (PromptResponseRows, None), one row per pair."""
   if config.data.source == "jsonl":
-    return data.prompt_response_rows(config.data, split, tokenizer, data.token_char_counts(tokenizer)), None
+    return data.prompt_response_rows(config.data, split, tokenizer, data.token_char_counts(tokenizer),
+                                     render=chat_renderer(workdir, tokenizer)), None
   text_split = data.load_text_split(config.data, split, data_dir(config, workdir))
   tokenized = data.tokenize_split(text_split, tokenizer, paths.join(data_dir(config, workdir), "tokens"),
                                   processes=config.data.get("tokenize_processes", 0))
