@@ -7,7 +7,11 @@
 conditional likelihood (its get_log_likelihood / eval_llada.py): per batch a mask count k ~ U{1..T} and the
 batch's counts spread evenly from it over 1..T, each row's masked positions a random subset of the T
 continuation tokens (the context never masked), loss = sum over masked of -log p / (count / T), averaged;
-`mc_num` samples in batches of `batch_size`. An autoregressive model's is exact. `generate_until` decodes
+`mc_num` samples in batches of `batch_size`. An autoregressive model's is exact. A block-diffusion model's is
+a Monte-Carlo estimate of its own bound, the block NELBO of the continuation given the context (the context
+and the [MASK]s that fill the last block held clean and unscored, each continuation block masked at its own
+time, times stratified over a batch's block slots, as training draws them): exact in expectation for
+blocks of one token, a lower bound on the likelihood otherwise. `generate_until` decodes
 with the workdir's sampler (an imported LLaDA's or Dream's own decoder) and cuts at the first stop string.
 
 Local tasks (the hub is not needed): a JSON-lines file, one request per line, either
@@ -25,6 +29,8 @@ import numpy as np
 from absl import app, flags
 
 from diffusion_lm import paths
+from diffusion_lm.objectives import block
+from diffusion_lm.objectives.base import bind
 from diffusion_lm.errors import UserError, cli_main, parse_flags
 
 
@@ -54,9 +60,6 @@ class Evaluator:
       raise UserError(f"mc_num={mc_num}, batch_size={batch_size}; allowed: integers with batch_size >= 1 "
                       "dividing mc_num")
     cfg = trained.model.config
-    if cfg.block_size:
-      raise UserError("lm_eval of a block-diffusion model; allowed: masked-diffusion (Monte-Carlo) or "
-                      "autoregressive (exact) models")
     self.trained, self.mc_num, self.batch_size, self.seed = trained, mc_num, batch_size, seed
     self.max_gen_toks, self.settings = max_gen_toks, sampler_settings
     self.causal = cfg.causal
@@ -85,7 +88,18 @@ class Evaluator:
       greedy = jnp.all(jnp.where(scored, jnp.argmax(logp, -1) == seq_L[1:], True))
       return jnp.sum(jnp.where(scored, token_logp, 0.0)), greedy
 
+    def block_loss(params, seq_L, prompt_len, target_len, key):
+      # The block-diffusion bound of the continuation given the context: the context (and the padding that
+      # fills the last block: [MASK]s, the not-yet-decoded rest of a block as decoding sees it) held clean
+      # and unscored, each continuation block masked at its own time, stratified over the batch's slots.
+      seq = jnp.broadcast_to(seq_L, (batch_size, seq_L.shape[0]))
+      position = jnp.arange(seq_L.shape[0])
+      keep = jnp.broadcast_to((position < prompt_len) | (position >= prompt_len + target_len), seq.shape)
+      rows = block.block_noise(seq, key, trained.schedule, mask_id, cfg.block_size, keep_BxL=keep)
+      return jnp.mean(block.noised_block_loss(bind(model, params), rows, cfg.block_size)["nelbo"])
+
     self._mc_loss = jax.jit(mc_loss, static_argnums=2)
+    self._block_loss = jax.jit(block_loss, static_argnums=(2, 3))
     self._ar_loglik = jax.jit(ar_loglik, static_argnums=2)
 
   def encode_pair(self, context: str, continuation: str):
@@ -114,6 +128,13 @@ class Evaluator:
       total, greedy = self._ar_loglik(params, jnp.asarray(seq), prompt_len)
       return float(total), bool(greedy)
     key = jax.random.fold_in(jax.random.key(self.seed), index)
+    if self.trained.model.config.block_size:
+      size, target = self.trained.model.config.block_size, len(seq) - prompt_len
+      padded = np.full((-(-len(seq) // size) * size,), self.trained.tokenizer.mask_id, np.int32)
+      padded[:len(seq)] = seq
+      losses = [float(self._block_loss(params, jnp.asarray(padded), prompt_len, target, jax.random.fold_in(key, i)))
+                for i in range(self.mc_num // self.batch_size)]
+      return -sum(losses) / len(losses), False
     losses = [float(self._mc_loss(params, jnp.asarray(seq), prompt_len, jax.random.fold_in(key, i)))
               for i in range(self.mc_num // self.batch_size)]
     return -sum(losses) / len(losses), False

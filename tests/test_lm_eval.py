@@ -113,3 +113,29 @@ def test_command_runs_the_local_tasks(workdirs):
   assert out.returncode == 0, out.stderr[-2000:]
   records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
   assert {r["task"] for r in records} == {"tiny_mc", "tiny_gen"} and all(r["mc_num"] == 4 for r in records)
+
+
+def test_block_likelihood_is_unbiased_for_blocks_of_one(workdirs):
+  """A block-diffusion model's estimate: with blocks of one token its expectation is the sum over continuation
+  tokens of -log p(x_i | clean x_<i, [MASK] at i), which a causal pass over [x_<i, MASK] gives independently."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from diffusion_lm.model import Transformer  # pylint: disable=g-import-not-at-top
+  trained = experiment.load_trained(workdirs["llada"])
+  cfg = trained.model.config
+  blocky = dataclasses.replace(trained, model=Transformer(dataclasses.replace(cfg, block_size=1)))
+  causal = Transformer(dataclasses.replace(cfg, causal=True, block_size=0))
+  ev = lm_eval.Evaluator(blocky, mc_num=2048, batch_size=256)
+  seq, p = ev.encode_pair("the cat", " sat")
+  assert len(seq) - p >= 2
+  nll = []
+  for i in range(p, len(seq)):
+    x = np.append(seq[:i], blocky.tokenizer.mask_id)
+    logits = causal.apply({"params": trained.params}, jnp.asarray(x)[None], None)
+    nll.append(-float(jax.nn.log_softmax(np.asarray(logits[0, i], np.float64))[seq[i]]))
+  # Per token the estimate is 1{masked} / t * nll with t ~ U[T_MIN, 1]: variance nll^2 (log(1 / T_MIN) - 1).
+  sigma = np.sqrt(sum(n * n for n in nll) * (np.log(1e3) - 1) / 2048)
+  assert ev.loglikelihood("the cat", " sat")[0] == pytest.approx(-sum(nll), abs=4 * sigma)
+  # Blocks of four: the context's positions never scored (a context twice as long scores the same tokens).
+  four = dataclasses.replace(trained, model=Transformer(dataclasses.replace(cfg, block_size=4)))
+  value = lm_eval.Evaluator(four, mc_num=16, batch_size=16).loglikelihood("the cat", " sat")[0]
+  assert -4 * sum(nll) < value < 0
