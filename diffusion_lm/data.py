@@ -22,6 +22,8 @@ import json
 import logging
 import lzma
 import os
+import re
+import shutil
 import time
 import zlib
 from typing import Iterator, NamedTuple
@@ -402,13 +404,28 @@ def _prepare(builder, data_dir: str, coordinate: bool = True):
                     "local files only; allowed: a local data.cache_dir (the default for a gs:// workdir), or a "
                     "bucket folder prepared elsewhere")
   if not coordinate:
-    builder.download_and_prepare(file_format="array_record")
+    _download_and_prepare(builder)
     return
   if paths.is_writer():
-    builder.download_and_prepare(file_format="array_record")
+    _download_and_prepare(builder)
   paths.sync("diffusion_lm:prepare")
   if not paths.is_writer():
+    _download_and_prepare(builder)
+
+
+def _download_and_prepare(builder) -> None:
+  """builder.download_and_prepare, safe against another run preparing the same text in the same folder
+  (two first runs sharing data.cache_dir): tfds prepares into a folder of its own and renames it into place
+  when complete, so the one that finishes second finds a complete copy there, uses it, and drops its own."""
+  try:
     builder.download_and_prepare(file_format="array_record")
+  except FileExistsError as e:
+    if not builder.is_prepared():
+      raise
+    found = re.search(r"Cannot rename (\S+)\. Destination", str(e))
+    if found and "incomplete." in os.path.basename(found.group(1)) and not paths.is_uri(found.group(1)):
+      shutil.rmtree(found.group(1), ignore_errors=True)
+    logging.info("data in %s was prepared by another run at the same time; using its copy", builder.data_dir)
 
 
 # ----------------------------------------------------------------------------- tokenization cache

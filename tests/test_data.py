@@ -284,3 +284,29 @@ print("ran", len(data.tokenize_split(split, tok, {str(tmp_path / "tokens")!r}, p
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-2000:]
   assert [line.split()[0] for line in out.stdout.splitlines()] == ["ran"], out.stdout
+
+
+def test_two_first_runs_sharing_a_data_folder_both_prepare(tmp_path):
+  """Two runs preparing the same text in one data.cache_dir at once: tfds renames each finished copy into
+  place, and the second rename found the first there (FileExistsError, before the fix on every one of three
+  tries here); now the later one uses the complete copy and drops its own."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = tmp_path / "prepare.py"
+  script.write_text(f"""import sys
+sys.path.insert(0, {root!r})
+from configs import demo
+from diffusion_lm import data
+print("texts", len(data.load_text_split(demo.get_config().data, "train", sys.argv[1], coordinate=False)))
+""")
+  cache = str(tmp_path / "cache")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  runs = [subprocess.Popen([sys.executable, str(script), cache], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=env) for _ in range(2)]
+  outs = [run.communicate(timeout=300) for run in runs]
+  assert [run.returncode for run in runs] == [0, 0], [err[-1500:] for _, err in outs]
+  counts = [[line for line in out.splitlines() if line.startswith("texts ")] for out, _ in outs]
+  assert counts[0] == counts[1] == ["texts 1210"]
+  (builder,) = os.listdir(os.path.join(cache, "local_text"))
+  assert os.listdir(os.path.join(cache, "local_text", builder)) == ["1.0.0"]  # no half-prepared copy left
