@@ -7,6 +7,7 @@ here serves both through `Names`.
 """
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -76,42 +77,50 @@ def _layer_norm(get, name: str) -> dict:
     return {"scale": get(name + ".gamma"), "bias": get(name + ".beta")}
 
 
-def encoder_params(tensors: dict, cfg: ModelConfig, names: Names) -> dict:
-  """The Transformer parameter tree from BERT-style tensors (HF Linear weights are [out, in])."""
+def encoder_parts(tensors, cfg: ModelConfig, names: Names) -> list:
+  """(top-level name, make) parts of the Transformer parameter tree from BERT-style tensors (HF Linear
+  weights are [out, in]); each part reads its tensors when made."""
   get = io.getter(tensors)
-  d, h, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
   e = names.body + "embeddings."
-  table = get(e + "position_embeddings.weight")
-  if table.shape[0] < cfg.max_len + cfg.position_offset:
-    raise UserError(f"model.max_len={cfg.max_len} exceeds the checkpoint's "
-                    f"{table.shape[0] - cfg.position_offset} learned positions")
-  params = {"embed": {"embedding": io.pad_rows(get(e + "word_embeddings.weight"), cfg.padded_vocab, None)},
-            "pos_embed": table[:cfg.max_len + cfg.position_offset],
-            "type_embed": get(e + "token_type_embeddings.weight"),
-            "embed_norm": _layer_norm(get, e + "LayerNorm"),
-            "head_transform": {"kernel": get(names.transform + ".weight").T, "bias": get(names.transform + ".bias")},
-            "head_norm": _layer_norm(get, names.transform_norm),
-            "head_bias": io.pad_rows(get(names.bias), cfg.padded_vocab, None)}
+
+  def pos_embed():
+    table = get(e + "position_embeddings.weight")
+    if table.shape[0] < cfg.max_len + cfg.position_offset:
+      raise UserError(f"model.max_len={cfg.max_len} exceeds the checkpoint's "
+                      f"{table.shape[0] - cfg.position_offset} learned positions")
+    return table[:cfg.max_len + cfg.position_offset].copy()
+
+  parts = [("embed", lambda: {"embedding": io.pad_rows(get(e + "word_embeddings.weight"), cfg.padded_vocab, None)}),
+           ("pos_embed", pos_embed),
+           ("type_embed", lambda: get(e + "token_type_embeddings.weight")),
+           ("embed_norm", lambda: _layer_norm(get, e + "LayerNorm")),
+           ("head_transform", lambda: {"kernel": get(names.transform + ".weight").T,
+                                       "bias": get(names.transform + ".bias")}),
+           ("head_norm", lambda: _layer_norm(get, names.transform_norm)),
+           ("head_bias", lambda: io.pad_rows(get(names.bias), cfg.padded_vocab, None))]
   if not cfg.tie_embeddings:
-    params["head"] = {"kernel": io.pad_rows(get(names.decoder), cfg.padded_vocab, None).T.copy()}
-  for i in range(cfg.num_layers):
-    p = f"{names.body}encoder.layer.{i}."
-    a = p + "attention."
-    params[f"block_{i}"] = {
-        **{name: get(f"{a}self.{name}.weight").T.reshape(d, h, hd) for name in ("query", "key", "value")},
-        **{f"{name}_bias": get(f"{a}self.{name}.bias").reshape(h, hd) for name in ("query", "key", "value")},
-        "out": get(a + "output.dense.weight").T.reshape(h, hd, d),
-        "out_bias": get(a + "output.dense.bias"),
-        "attn_norm": _layer_norm(get, a + "output.LayerNorm"),
-        "wi": {"kernel": get(p + "intermediate.dense.weight").T, "bias": get(p + "intermediate.dense.bias")},
-        "wo": {"kernel": get(p + "output.dense.weight").T, "bias": get(p + "output.dense.bias")},
-        "mlp_norm": _layer_norm(get, p + "output.LayerNorm"),
-    }
-  return params
+    parts.append(("head", lambda: {"kernel": io.pad_rows(get(names.decoder), cfg.padded_vocab, None).T.copy()}))
+  return parts + [(f"block_{i}", functools.partial(_encoder_block, get, cfg, f"{names.body}encoder.layer.{i}."))
+                  for i in range(cfg.num_layers)]
 
 
-def params_from(tensors: dict, cfg: ModelConfig) -> dict:
-  return encoder_params(tensors, cfg, NAMES)
+def _encoder_block(get, cfg: ModelConfig, p: str) -> dict:
+  d, h, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
+  a = p + "attention."
+  return {
+      **{name: get(f"{a}self.{name}.weight").T.reshape(d, h, hd) for name in ("query", "key", "value")},
+      **{f"{name}_bias": get(f"{a}self.{name}.bias").reshape(h, hd) for name in ("query", "key", "value")},
+      "out": get(a + "output.dense.weight").T.reshape(h, hd, d),
+      "out_bias": get(a + "output.dense.bias"),
+      "attn_norm": _layer_norm(get, a + "output.LayerNorm"),
+      "wi": {"kernel": get(p + "intermediate.dense.weight").T, "bias": get(p + "intermediate.dense.bias")},
+      "wo": {"kernel": get(p + "output.dense.weight").T, "bias": get(p + "output.dense.bias")},
+      "mlp_norm": _layer_norm(get, p + "output.LayerNorm"),
+  }
+
+
+def param_parts(tensors, cfg: ModelConfig) -> list:
+  return encoder_parts(tensors, cfg, NAMES)
 
 
 def is_encoder(cfg: ModelConfig) -> bool:

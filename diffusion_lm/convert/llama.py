@@ -2,6 +2,8 @@
 attention, tied or untied head; imported as an autoregressive model. Also the layout every other
 pre-norm model of this project exports to (Qwen2's where it has q/k/v biases, see export_config)."""
 
+import functools
+
 import jax
 import numpy as np
 
@@ -67,34 +69,38 @@ def settings(folder: str, hf: dict) -> tuple[dict, str, dict]:
   return fields, "ar", {"eos_id": eos_of(hf), "mask_id": -1}
 
 
-def params_from(tensors: dict, cfg: ModelConfig) -> dict:
-  """The Transformer parameter tree from LLaMA-layout tensors (HF Linear weights are [out, in])."""
+def param_parts(tensors, cfg: ModelConfig) -> list:
+  """(top-level name, make) parts of the Transformer parameter tree from LLaMA-layout tensors (HF Linear
+  weights are [out, in]); each part reads its tensors when made."""
   get = io.getter(tensors)
-  d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
   mask_row = cfg.vocab_size if cfg.mask_token_id < 0 else None
-  params = {"embed": {"embedding": io.pad_rows(get("model.embed_tokens.weight"), cfg.padded_vocab, mask_row)},
-            "final_norm": {"scale": get("model.norm.weight")}}
+  parts = [("embed", lambda: {"embedding": io.pad_rows(get("model.embed_tokens.weight"), cfg.padded_vocab,
+                                                       mask_row)}),
+           ("final_norm", lambda: {"scale": get("model.norm.weight")})]
   if not cfg.tie_embeddings:
-    params["head"] = {"kernel": io.pad_rows(get("lm_head.weight"), cfg.padded_vocab, None).T.copy()}
-  for i in range(cfg.num_layers):
-    p = f"model.layers.{i}."
-    block = {
-        "attn_norm": {"scale": get(p + "input_layernorm.weight")},
-        "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight")},
-        "query": get(p + "self_attn.q_proj.weight").T.reshape(d, h, hd),
-        "key": get(p + "self_attn.k_proj.weight").T.reshape(d, kv, hd),
-        "value": get(p + "self_attn.v_proj.weight").T.reshape(d, kv, hd),
-        "out": get(p + "self_attn.o_proj.weight").T.reshape(h, hd, d),
-        "wi_gate": {"kernel": get(p + "mlp.gate_proj.weight").T},
-        "wi_up": {"kernel": get(p + "mlp.up_proj.weight").T},
-        "wo": {"kernel": get(p + "mlp.down_proj.weight").T},
-    }
-    if cfg.qkv_bias:
-      block.update({"query_bias": get(p + "self_attn.q_proj.bias").reshape(h, hd),
-                    "key_bias": get(p + "self_attn.k_proj.bias").reshape(kv, hd),
-                    "value_bias": get(p + "self_attn.v_proj.bias").reshape(kv, hd)})
-    params[f"block_{i}"] = block
-  return params
+    parts.append(("head", lambda: {"kernel": io.pad_rows(get("lm_head.weight"), cfg.padded_vocab, None).T.copy()}))
+  return parts + [(f"block_{i}", functools.partial(_block, get, cfg, f"model.layers.{i}."))
+                  for i in range(cfg.num_layers)]
+
+
+def _block(get, cfg: ModelConfig, p: str) -> dict:
+  d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
+  block = {
+      "attn_norm": {"scale": get(p + "input_layernorm.weight")},
+      "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight")},
+      "query": get(p + "self_attn.q_proj.weight").T.reshape(d, h, hd),
+      "key": get(p + "self_attn.k_proj.weight").T.reshape(d, kv, hd),
+      "value": get(p + "self_attn.v_proj.weight").T.reshape(d, kv, hd),
+      "out": get(p + "self_attn.o_proj.weight").T.reshape(h, hd, d),
+      "wi_gate": {"kernel": get(p + "mlp.gate_proj.weight").T},
+      "wi_up": {"kernel": get(p + "mlp.up_proj.weight").T},
+      "wo": {"kernel": get(p + "mlp.down_proj.weight").T},
+  }
+  if cfg.qkv_bias:
+    block.update({"query_bias": get(p + "self_attn.q_proj.bias").reshape(h, hd),
+                  "key_bias": get(p + "self_attn.k_proj.bias").reshape(kv, hd),
+                  "value_bias": get(p + "self_attn.v_proj.bias").reshape(kv, hd)})
+  return block
 
 
 def writes(cfg: ModelConfig) -> bool:

@@ -10,6 +10,8 @@ global_attn_every_n_layers) and transformers' newer one (layer_types, rope_param
 both are read, and export writes both.
 """
 
+import functools
+
 import jax
 import numpy as np
 
@@ -80,33 +82,36 @@ def _norm(get, name: str, cfg: ModelConfig) -> dict:
   return out
 
 
-def params_from(tensors: dict, cfg: ModelConfig) -> dict:
-  """The Transformer parameter tree from ModernBERT tensors (HF Linear weights are [out, in])."""
+def param_parts(tensors, cfg: ModelConfig) -> list:
+  """(top-level name, make) parts of the Transformer parameter tree from ModernBERT tensors (HF Linear
+  weights are [out, in]); each part reads its tensors when made."""
   get = io.getter(tensors)
-  d, h, hd, m = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
-  params = {"embed": {"embedding": io.pad_rows(get("model.embeddings.tok_embeddings.weight"), cfg.padded_vocab,
-                                               None)},
-            "embed_norm": _norm(get, "model.embeddings.norm", cfg),
-            "final_norm": _norm(get, "model.final_norm", cfg),
-            "head_transform": {"kernel": get("head.dense.weight").T},
-            "head_norm": _norm(get, "head.norm", cfg)}
+  parts = [("embed", lambda: {"embedding": io.pad_rows(get("model.embeddings.tok_embeddings.weight"),
+                                                       cfg.padded_vocab, None)}),
+           ("embed_norm", lambda: _norm(get, "model.embeddings.norm", cfg)),
+           ("final_norm", lambda: _norm(get, "model.final_norm", cfg)),
+           ("head_transform", lambda: {"kernel": get("head.dense.weight").T}),
+           ("head_norm", lambda: _norm(get, "head.norm", cfg))]
   if cfg.head_bias:
-    params["head_bias"] = io.pad_rows(get("decoder.bias"), cfg.padded_vocab, None)
+    parts.append(("head_bias", lambda: io.pad_rows(get("decoder.bias"), cfg.padded_vocab, None)))
   if not cfg.tie_embeddings:
-    params["head"] = {"kernel": io.pad_rows(get("decoder.weight"), cfg.padded_vocab, None).T.copy()}
-  for i in range(cfg.num_layers):
-    p = f"model.layers.{i}."
-    qkv = get(p + "attn.Wqkv.weight").T.reshape(d, 3, h, hd)  # output rows are (q | k | v) x heads x head_dim
-    wi = get(p + "mlp.Wi.weight")  # rows: the activated half, then the gate
-    block = {"query": qkv[:, 0], "key": qkv[:, 1], "value": qkv[:, 2],
-             "out": get(p + "attn.Wo.weight").T.reshape(h, hd, d),
-             "mlp_norm": _norm(get, p + "mlp_norm", cfg),
-             "wi_gate": {"kernel": wi[:m].T}, "wi_up": {"kernel": wi[m:].T},
-             "wo": {"kernel": get(p + "mlp.Wo.weight").T}}
-    if i > 0:
-      block["attn_norm"] = _norm(get, p + "attn_norm", cfg)
-    params[f"block_{i}"] = block
-  return params
+    parts.append(("head", lambda: {"kernel": io.pad_rows(get("decoder.weight"), cfg.padded_vocab, None).T.copy()}))
+  return parts + [(f"block_{i}", functools.partial(_block, get, cfg, i)) for i in range(cfg.num_layers)]
+
+
+def _block(get, cfg: ModelConfig, i: int) -> dict:
+  d, h, hd, m = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+  p = f"model.layers.{i}."
+  qkv = get(p + "attn.Wqkv.weight").T.reshape(d, 3, h, hd)  # output rows are (q | k | v) x heads x head_dim
+  wi = get(p + "mlp.Wi.weight")  # rows: the activated half, then the gate
+  block = {"query": qkv[:, 0], "key": qkv[:, 1], "value": qkv[:, 2],
+           "out": get(p + "attn.Wo.weight").T.reshape(h, hd, d),
+           "mlp_norm": _norm(get, p + "mlp_norm", cfg),
+           "wi_gate": {"kernel": wi[:m].T}, "wi_up": {"kernel": wi[m:].T},
+           "wo": {"kernel": get(p + "mlp.Wo.weight").T}}
+  if i > 0:
+    block["attn_norm"] = _norm(get, p + "attn_norm", cfg)
+  return block
 
 
 def writes(cfg: ModelConfig) -> bool:
