@@ -21,6 +21,7 @@ from typing import NamedTuple
 from absl import logging
 from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -104,16 +105,25 @@ def params_only(manager, step: int) -> bool:
 def restore_params(manager, step: int, abstract_params, use_ema: bool = True):
   """Restores one parameter tree of a step, its EMA parameters (or raw, use_ema=False; a parameters-only
   step has one tree for both) and nothing else of the state, into `abstract_params`' shardings and
-  dtypes (each process reads the shards of its own devices). The config is read as well, so a step whose
+  dtypes (each process reads the shards of its own devices; leaves without a sharding come to the host
+  as numpy). `abstract_params` may hold some top-level parts only: just those are read. The config is read as well, so a step whose
   config is damaged does not pass for intact."""
   key = "ema_params" if use_ema and not params_only(manager, step) else "params"
   wanted = {key: abstract_params}
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+      state=ocp.args.PyTreeRestore(item=wanted, restore_args=jax.tree.map(_restore_args, wanted),
                                    partial_restore=True),
       config=ocp.args.JsonRestore(),
   ))
   return restored.state[key]
+
+
+def _restore_args(leaf):
+  """Into the leaf's sharding (each process reads its devices' shards), or onto the host as numpy
+  without one; in the leaf's dtype either way."""
+  if getattr(leaf, "sharding", None) is None:
+    return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+  return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype)
 
 
 def restore(manager, step: int, abstract_state, from_params=None):

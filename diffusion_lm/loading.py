@@ -7,6 +7,7 @@ its own devices, and with dtype="bfloat16" they arrive in bfloat16 (half the mem
 cast as it is read).
 """
 
+from collections.abc import Mapping
 import dataclasses
 from typing import Any
 
@@ -42,12 +43,17 @@ def check_dtype(dtype) -> None:
                     "initialises them, float32)")
 
 
+def abstract_params(model: Transformer, seq_len: int):
+  """The network's parameter tree as boxed ShapeDtypeStructs (logical axis names; nothing allocated)."""
+  return jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, seq_len), jnp.int32),
+                                               jnp.zeros((1,), jnp.float32))["params"], jax.random.key(0))
+
+
 def param_shardings(model: Transformer, mesh, seq_len: int, dtype: str | None = None):
   """(abstract parameters with their shardings and dtype, NamedSharding tree): the parameter part of
   experiment.state_shardings, with nothing of the optimizer."""
   check_dtype(dtype)
-  boxed = jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, seq_len), jnp.int32),
-                                                jnp.zeros((1,), jnp.float32))["params"], jax.random.key(0))
+  boxed = abstract_params(model, seq_len)
   shardings = sharding.logical_shardings(boxed, mesh)
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, PARAM_DTYPES[dtype] if dtype else x.dtype, sharding=s),
@@ -96,3 +102,37 @@ def load_trained(workdir: str, use_ema: bool = True, mesh_config=None, dtype: st
   abstract, shardings = param_shardings(model, mesh, config.data.seq_len, dtype)
   step, params = restore_params(workdir, abstract, use_ema)
   return Trained(config, tokenizer, model, experiment.schedule_from_config(config), mesh, params, shardings, step)
+
+
+class StoredParams(Mapping):
+  """A workdir's (EMA) parameters by top-level name (embed, block_0, ...), each part read from the newest
+  checkpoint onto the host (numpy, float32) when asked for; only the last part asked for is kept, so a
+  reader that goes part by part (export) never holds the whole tree."""
+
+  def __init__(self, workdir: str, use_ema: bool = True):
+    self.config, self.tokenizer, self.model = open_workdir(workdir)
+    self._abstract = nn.unbox(abstract_params(self.model, self.config.data.seq_len))
+    self._use_ema = use_ema
+    self._manager = checkpointing.make_manager(workdir, read_only=True)
+    first = next(iter(self._abstract))
+    self.step, part, _ = checkpointing.restore_newest(self._manager, lambda s: self._restore(s, first), workdir)
+    self._last = (first, part)
+
+  def _restore(self, step: int, name: str):
+    return checkpointing.restore_params(self._manager, step, {name: self._abstract[name]}, self._use_ema)[name]
+
+  def __getitem__(self, name: str):
+    if self._last[0] != name:
+      self._last = None  # dropped before the next part is read
+      self._last = (name, self._restore(self.step, name))
+    return self._last[1]
+
+  def __iter__(self):
+    return iter(self._abstract)
+
+  def __len__(self) -> int:
+    return len(self._abstract)
+
+  def close(self) -> None:
+    self._last = None
+    self._manager.close()

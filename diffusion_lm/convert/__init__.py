@@ -29,9 +29,8 @@ the parameters).
 """
 
 from absl import flags
-import jax
 
-from diffusion_lm import experiment, generation_config
+from diffusion_lm import experiment, generation_config, loading
 from diffusion_lm.convert import bert, dream, gpt2, io, llada, llama, modernbert, qwen2, roberta
 from diffusion_lm.convert.io import SECTION, read_safetensors, write_workdir  # noqa: F401 (the package's API)
 from diffusion_lm.errors import UserError, cli_main
@@ -114,17 +113,20 @@ def export_family(cfg: ModelConfig):
 
 
 def export_hf(workdir: str, folder: str, use_ema: bool = True) -> list[str]:
-  """Writes the workdir's model as a Hugging Face folder; returns the files written."""
-  trained = experiment.load_trained(workdir, use_ema=use_ema)
-  cfg, tokenizer = trained.model.config, trained.tokenizer
-  family = export_family(cfg)
-  tensors = family.tensors_of(jax.device_get(trained.params), cfg)
-  model_fields = dict(experiment.config_to_dict(trained.config)["model"])
-  model_fields["vocab_size"] = cfg.vocab_size
-  hf = {**family.export_config(cfg, tokenizer),
-        SECTION: {"model": model_fields, "objective": trained.config.objective, "mask_id": tokenizer.mask_id}}
-  return io.write_folder(folder, tensors, hf, tokenizer, cfg.padded_vocab, sampling=trained.config.sampling,
-                         chat_template=io.read_workdir_template(workdir))
+  """Writes the workdir's model as a Hugging Face folder; returns the files written. The parameters are
+  read one top-level part (a block, a table) at a time and each tensor is written as it is made."""
+  params = loading.StoredParams(workdir, use_ema=use_ema)
+  try:
+    config, cfg, tokenizer = params.config, params.model.config, params.tokenizer
+    family = export_family(cfg)
+    model_fields = dict(experiment.config_to_dict(config)["model"])
+    model_fields["vocab_size"] = cfg.vocab_size
+    hf = {**family.export_config(cfg, tokenizer),
+          SECTION: {"model": model_fields, "objective": config.objective, "mask_id": tokenizer.mask_id}}
+    return io.write_folder(folder, family.tensors_of(params, cfg), hf, tokenizer, cfg.padded_vocab,
+                           sampling=config.sampling, chat_template=io.read_workdir_template(workdir))
+  finally:
+    params.close()
 
 
 # ----------------------------------------------------------------------------- command line

@@ -9,9 +9,6 @@ here serves both through `Names`.
 import dataclasses
 import functools
 
-import jax
-import numpy as np
-
 from diffusion_lm.convert import io
 from diffusion_lm.errors import UserError
 from diffusion_lm.model import ModelConfig
@@ -135,34 +132,39 @@ def writes(cfg: ModelConfig) -> bool:
   return is_encoder(cfg) and cfg.position_offset == 0
 
 
-def encoder_tensors(params, cfg: ModelConfig, names: Names) -> dict[str, np.ndarray]:
-  """BERT-style tensors of a Transformer parameter tree; every table row kept."""
-  p = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+def encoder_tensors(params, cfg: ModelConfig, names: Names):
+  """(name, BERT-style tensor) pairs of a Transformer parameter tree, every table row kept; `params` may be
+  any mapping of top-level parts (export reads one part at a time)."""
   d, h, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
   e = names.body + "embeddings."
-  norm = lambda name, tree: {name + ".weight": tree["scale"], name + ".bias": tree["bias"]}
-  out = {e + "word_embeddings.weight": p["embed"]["embedding"], e + "position_embeddings.weight": p["pos_embed"],
-         e + "token_type_embeddings.weight": p["type_embed"], **norm(e + "LayerNorm", p["embed_norm"]),
-         names.transform + ".weight": p["head_transform"]["kernel"].T,
-         names.transform + ".bias": p["head_transform"]["bias"], **norm(names.transform_norm, p["head_norm"]),
-         names.bias: p["head_bias"]}
+  norm = lambda name, tree: [(name + ".weight", tree["scale"]), (name + ".bias", tree["bias"])]
+  yield e + "word_embeddings.weight", params["embed"]["embedding"]
+  yield e + "position_embeddings.weight", params["pos_embed"]
+  yield e + "token_type_embeddings.weight", params["type_embed"]
+  yield from norm(e + "LayerNorm", params["embed_norm"])
+  yield names.transform + ".weight", params["head_transform"]["kernel"].T
+  yield names.transform + ".bias", params["head_transform"]["bias"]
+  yield from norm(names.transform_norm, params["head_norm"])
+  yield names.bias, params["head_bias"]
   if not cfg.tie_embeddings:
-    out[names.decoder] = p["head"]["kernel"].T
+    yield names.decoder, params["head"]["kernel"].T
   for i in range(cfg.num_layers):
-    b, q = p[f"block_{i}"], f"{names.body}encoder.layer.{i}."
+    b, q = params[f"block_{i}"], f"{names.body}encoder.layer.{i}."
     a = q + "attention."
     for name in ("query", "key", "value"):
-      out[f"{a}self.{name}.weight"] = b[name].reshape(d, h * hd).T
-      out[f"{a}self.{name}.bias"] = b[f"{name}_bias"].reshape(-1)
-    out.update({a + "output.dense.weight": b["out"].reshape(h * hd, d).T, a + "output.dense.bias": b["out_bias"],
-                **norm(a + "output.LayerNorm", b["attn_norm"]),
-                q + "intermediate.dense.weight": b["wi"]["kernel"].T, q + "intermediate.dense.bias": b["wi"]["bias"],
-                q + "output.dense.weight": b["wo"]["kernel"].T, q + "output.dense.bias": b["wo"]["bias"],
-                **norm(q + "output.LayerNorm", b["mlp_norm"])})
-  return {name: np.ascontiguousarray(value) for name, value in out.items()}
+      yield f"{a}self.{name}.weight", b[name].reshape(d, h * hd).T
+      yield f"{a}self.{name}.bias", b[f"{name}_bias"].reshape(-1)
+    yield a + "output.dense.weight", b["out"].reshape(h * hd, d).T
+    yield a + "output.dense.bias", b["out_bias"]
+    yield from norm(a + "output.LayerNorm", b["attn_norm"])
+    yield q + "intermediate.dense.weight", b["wi"]["kernel"].T
+    yield q + "intermediate.dense.bias", b["wi"]["bias"]
+    yield q + "output.dense.weight", b["wo"]["kernel"].T
+    yield q + "output.dense.bias", b["wo"]["bias"]
+    yield from norm(q + "output.LayerNorm", b["mlp_norm"])
 
 
-def tensors_of(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
+def tensors_of(params, cfg: ModelConfig):
   return encoder_tensors(params, cfg, NAMES)
 
 

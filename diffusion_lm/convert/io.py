@@ -10,6 +10,8 @@ from collections.abc import Mapping
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -319,27 +321,62 @@ def _stored(parts, expected: dict, dtype, got: dict):
 # ----------------------------------------------------------------------------- writing a folder
 
 
-def write_safetensors(tensors: dict, folder: str) -> list[str]:
-  """model.safetensors, or shards of at most SHARD_BYTES with model.safetensors.index.json."""
-  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
-  shards, current, size = [], {}, 0
-  for name in sorted(tensors):
-    if current and size + tensors[name].nbytes > SHARD_BYTES:
-      shards.append(current)
-      current, size = {}, 0
-    current[name] = tensors[name]
-    size += tensors[name].nbytes
-  shards.append(current)
+def write_safetensors(tensors, folder: str) -> list[str]:
+  """model.safetensors, or shards of at most SHARD_BYTES with model.safetensors.index.json, of `tensors`
+  ((name, array) pairs, or a dict), float32, written as they come: each tensor's bytes go to the open
+  shard's data file and the array is dropped, so host memory holds one tensor (plus the part it came
+  from), never a shard. A shard's file is its header followed by that data (copied in blocks)."""
+  shards = []  # [(data file, {name: (shape, begin, end)})]
+  size = 0
+  data = None
+  scratch = tempfile.mkdtemp(prefix="diffusion_lm-export-") if paths.is_uri(folder) else folder
+  try:
+    for name, array in (tensors.items() if isinstance(tensors, dict) else tensors):
+      array = np.ascontiguousarray(np.asarray(array, np.float32))
+      if data is None or (shards[-1][1] and size + array.nbytes > SHARD_BYTES):
+        if data is not None:
+          data.close()
+        path = os.path.join(scratch, f".shard-{len(shards)}.data")
+        os.makedirs(scratch, exist_ok=True)
+        data = open(path, "wb")
+        shards.append((path, {}))
+        size = 0
+      shards[-1][1][name] = (array.shape, size, size + array.nbytes)
+      data.write(memoryview(array).cast("B"))
+      size += array.nbytes
+      del array
+    data.close()
+    if len(shards) == 1:
+      names = ["model.safetensors"]
+    else:
+      names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, (path, entries) in zip(names, shards):
+      paths.write_with(paths.join(folder, name), lambda f, path=path, entries=entries: _write_shard(f, path, entries))
+  finally:
+    for path, _ in shards:
+      if os.path.exists(path):
+        os.remove(path)
   if len(shards) == 1:
-    paths.write_bytes(paths.join(folder, "model.safetensors"), save(shards[0], metadata={"format": "pt"}))
-    return ["model.safetensors"]
-  names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-  for name, shard in zip(names, shards):
-    paths.write_bytes(paths.join(folder, name), save(shard, metadata={"format": "pt"}))
-  index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
-           "weight_map": {t: name for name, shard in zip(names, shards) for t in shard}}
+    return names
+  index = {"metadata": {"total_size": int(sum(end - begin for _, entries in shards
+                                              for _, begin, end in entries.values()))},
+           "weight_map": {t: name for name, (_, entries) in zip(names, shards) for t in entries}}
   paths.write_bytes(paths.join(folder, "model.safetensors.index.json"), json.dumps(index, indent=2).encode())
   return names + ["model.safetensors.index.json"]
+
+
+def _write_shard(f, data_path: str, entries: dict) -> None:
+  """A safetensors file: 8-byte little-endian header length, the JSON header (padded with spaces to a
+  multiple of 8, as the safetensors package writes it), then the data."""
+  header = {"__metadata__": {"format": "pt"}}
+  header.update({name: {"dtype": "F32", "shape": list(shape), "data_offsets": [begin, end]}
+                 for name, (shape, begin, end) in entries.items()})
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)
+  f.write(len(raw).to_bytes(8, "little"))
+  f.write(raw)
+  with open(data_path, "rb") as data:
+    shutil.copyfileobj(data, f, 64 << 20)
 
 
 def write_tokenizer(tokenizer, folder: str, rows: int, chat_template: str = "") -> list[str]:

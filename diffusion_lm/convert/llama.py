@@ -4,8 +4,6 @@ pre-norm model of this project exports to (Qwen2's where it has q/k/v biases, se
 
 import functools
 
-import jax
-import numpy as np
 
 from diffusion_lm.convert import io
 from diffusion_lm.errors import UserError
@@ -110,30 +108,28 @@ def writes(cfg: ModelConfig) -> bool:
           and cfg.first_attn_norm and not cfg.local_window and not cfg.head_transform and not cfg.head_bias)
 
 
-def tensors_of(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """LLaMA-layout tensors (HF Linear [out, in]) of a Transformer parameter tree; every table row kept."""
-  p = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+def tensors_of(params, cfg: ModelConfig):
+  """(name, LLaMA-layout tensor) pairs (HF Linear [out, in]) of a Transformer parameter tree, every table
+  row kept; `params` may be any mapping of top-level parts (export reads one part at a time)."""
   d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
-  out = {"model.embed_tokens.weight": p["embed"]["embedding"], "model.norm.weight": p["final_norm"]["scale"]}
+  yield "model.embed_tokens.weight", params["embed"]["embedding"]
+  yield "model.norm.weight", params["final_norm"]["scale"]
   if not cfg.tie_embeddings:
-    out["lm_head.weight"] = p["head"]["kernel"].T
+    yield "lm_head.weight", params["head"]["kernel"].T
   for i in range(cfg.num_layers):
-    b, q = p[f"block_{i}"], f"model.layers.{i}."
-    out.update({
-        q + "input_layernorm.weight": b["attn_norm"]["scale"],
-        q + "post_attention_layernorm.weight": b["mlp_norm"]["scale"],
-        q + "self_attn.q_proj.weight": b["query"].reshape(d, h * hd).T,
-        q + "self_attn.k_proj.weight": b["key"].reshape(d, kv * hd).T,
-        q + "self_attn.v_proj.weight": b["value"].reshape(d, kv * hd).T,
-        q + "self_attn.o_proj.weight": b["out"].reshape(h * hd, d).T,
-        q + "mlp.gate_proj.weight": b["wi_gate"]["kernel"].T,
-        q + "mlp.up_proj.weight": b["wi_up"]["kernel"].T,
-        q + "mlp.down_proj.weight": b["wo"]["kernel"].T,
-    })
+    b, q = params[f"block_{i}"], f"model.layers.{i}."
+    yield q + "input_layernorm.weight", b["attn_norm"]["scale"]
+    yield q + "post_attention_layernorm.weight", b["mlp_norm"]["scale"]
+    yield q + "self_attn.q_proj.weight", b["query"].reshape(d, h * hd).T
+    yield q + "self_attn.k_proj.weight", b["key"].reshape(d, kv * hd).T
+    yield q + "self_attn.v_proj.weight", b["value"].reshape(d, kv * hd).T
+    yield q + "self_attn.o_proj.weight", b["out"].reshape(h * hd, d).T
+    yield q + "mlp.gate_proj.weight", b["wi_gate"]["kernel"].T
+    yield q + "mlp.up_proj.weight", b["wi_up"]["kernel"].T
+    yield q + "mlp.down_proj.weight", b["wo"]["kernel"].T
     if cfg.qkv_bias:
-      out.update({q + f"self_attn.{n}_proj.bias": b[f"{name}_bias"].reshape(-1)
-                  for n, name in (("q", "query"), ("k", "key"), ("v", "value"))})
-  return {name: np.ascontiguousarray(value) for name, value in out.items()}
+      for n, name in (("q", "query"), ("k", "key"), ("v", "value")):
+        yield q + f"self_attn.{n}_proj.bias", b[f"{name}_bias"].reshape(-1)
 
 
 def export_config(cfg: ModelConfig, tokenizer) -> dict:

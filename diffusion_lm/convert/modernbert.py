@@ -12,7 +12,6 @@ both are read, and export writes both.
 
 import functools
 
-import jax
 import numpy as np
 
 from diffusion_lm.convert import bert, io
@@ -121,30 +120,33 @@ def writes(cfg: ModelConfig) -> bool:
           and cfg.kv_heads == cfg.num_heads and not cfg.time_conditioning and not cfg.causal and not cfg.block_size)
 
 
-def tensors_of(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  p = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+def tensors_of(params, cfg: ModelConfig):
+  """(name, ModernBERT tensor) pairs of a Transformer parameter tree; `params` may be any mapping of
+  top-level parts (export reads one part at a time)."""
   d = cfg.d_model
 
   def norm(name, tree):
-    return {name + ".weight": tree["scale"], **({name + ".bias": tree["bias"]} if "bias" in tree else {})}
+    return [(name + ".weight", tree["scale"])] + ([(name + ".bias", tree["bias"])] if "bias" in tree else [])
 
-  out = {"model.embeddings.tok_embeddings.weight": p["embed"]["embedding"],
-         **norm("model.embeddings.norm", p["embed_norm"]), **norm("model.final_norm", p["final_norm"]),
-         "head.dense.weight": p["head_transform"]["kernel"].T, **norm("head.norm", p["head_norm"])}
+  yield "model.embeddings.tok_embeddings.weight", params["embed"]["embedding"]
+  yield from norm("model.embeddings.norm", params["embed_norm"])
+  yield from norm("model.final_norm", params["final_norm"])
+  yield "head.dense.weight", params["head_transform"]["kernel"].T
+  yield from norm("head.norm", params["head_norm"])
   if cfg.head_bias:
-    out["decoder.bias"] = p["head_bias"]
+    yield "decoder.bias", params["head_bias"]
   if not cfg.tie_embeddings:
-    out["decoder.weight"] = p["head"]["kernel"].T
+    yield "decoder.weight", params["head"]["kernel"].T
   for i in range(cfg.num_layers):
-    b, q = p[f"block_{i}"], f"model.layers.{i}."
+    b, q = params[f"block_{i}"], f"model.layers.{i}."
     qkv = np.stack([b["query"], b["key"], b["value"]], axis=1).reshape(d, 3 * d)
-    out.update({q + "attn.Wqkv.weight": qkv.T, q + "attn.Wo.weight": b["out"].reshape(d, d).T,
-                **norm(q + "mlp_norm", b["mlp_norm"]),
-                q + "mlp.Wi.weight": np.concatenate([b["wi_gate"]["kernel"], b["wi_up"]["kernel"]], axis=1).T,
-                q + "mlp.Wo.weight": b["wo"]["kernel"].T})
+    yield q + "attn.Wqkv.weight", qkv.T
+    yield q + "attn.Wo.weight", b["out"].reshape(d, d).T
+    yield from norm(q + "mlp_norm", b["mlp_norm"])
+    yield q + "mlp.Wi.weight", np.concatenate([b["wi_gate"]["kernel"], b["wi_up"]["kernel"]], axis=1).T
+    yield q + "mlp.Wo.weight", b["wo"]["kernel"].T
     if i > 0:
-      out.update(norm(q + "attn_norm", b["attn_norm"]))
-  return {name: np.ascontiguousarray(value) for name, value in out.items()}
+      yield from norm(q + "attn_norm", b["attn_norm"])
 
 
 def export_config(cfg: ModelConfig, tokenizer) -> dict:
