@@ -102,20 +102,40 @@ def params_only(manager, step: int) -> bool:
   return "opt_state" not in state_keys(manager, step)
 
 
+RESTORE_GROUP_BYTES = 256 << 20  # parameter bytes (whole arrays) per orbax restore call
+
+
 def restore_params(manager, step: int, abstract_params, use_ema: bool = True):
   """Restores one parameter tree of a step, its EMA parameters (or raw, use_ema=False; a parameters-only
   step has one tree for both) and nothing else of the state, into `abstract_params`' shardings and
   dtypes (each process reads the shards of its own devices; leaves without a sharding come to the host
-  as numpy). `abstract_params` may hold some top-level parts only: just those are read. The config is read as well, so a step whose
-  config is damaged does not pass for intact."""
+  as numpy). `abstract_params` may hold some top-level parts only: just those are read.
+
+  The parts are restored in groups of about RESTORE_GROUP_BYTES, one orbax call each: a call reads its
+  arrays concurrently, so the group bounds the read buffers in flight beside the shards kept. The config
+  is read as well, so a step whose config is damaged does not pass for intact."""
   key = "ema_params" if use_ema and not params_only(manager, step) else "params"
-  wanted = {key: abstract_params}
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=wanted, restore_args=jax.tree.map(_restore_args, wanted),
-                                   partial_restore=True),
-      config=ocp.args.JsonRestore(),
-  ))
-  return restored.state[key]
+  manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  restored = {}
+  for group in _groups(abstract_params):
+    wanted = {key: group}
+    restored.update(manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=wanted, restore_args=jax.tree.map(_restore_args, wanted),
+                                     partial_restore=True))).state[key])
+  return restored
+
+
+def _groups(abstract_params) -> list[dict]:
+  """The top-level parts in order, gathered into dicts of about RESTORE_GROUP_BYTES (a bigger part alone)."""
+  groups, size = [{}], 0
+  for name, part in abstract_params.items():
+    nbytes = sum(leaf.size * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(part))
+    if groups[-1] and size + nbytes > RESTORE_GROUP_BYTES:
+      groups.append({})
+      size = 0
+    groups[-1][name] = part
+    size += nbytes
+  return groups
 
 
 def _restore_args(leaf):
@@ -130,14 +150,13 @@ def restore(manager, step: int, abstract_state, from_params=None):
   """Restores (state, data_state) at `step` into the given abstract (sharded) state. The config is read
   as well, so a step whose config is damaged does not pass for intact. A parameters-only step (convert)
   becomes from_params(params) (training: a fresh optimizer state and EMA); without from_params it is
-  refused by name."""
+  refused by name; its data state is None."""
   if params_only(manager, step):
     if from_params is None:
       raise UserError(f"checkpoint step {step} in {manager.directory} holds parameters only (written by convert); "
                       "allowed: train, sample, evaluate or --config.init_from with this workdir")
     params = restore_params(manager, step, abstract_state.params, use_ema=False)
-    data_state = manager.restore(step, args=ocp.args.Composite(data_iter=ocp.args.JsonRestore())).data_iter
-    return from_params(params), data_state
+    return from_params(params), None  # no data consumed yet: the iterator starts fresh
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
       data_iter=ocp.args.JsonRestore(),
@@ -268,6 +287,9 @@ def read_saved_config(workdir: str, quiet: bool = True):
 # ----------------------------------------------------------------------------- parameters-only checkpoints
 
 
+CHUNK_BYTES = 16 << 20  # storage chunk of a parameters-only checkpoint's arrays
+
+
 def _staging(workdir: str) -> str:
   return paths.join(workdir, "checkpoints.staging")
 
@@ -276,16 +298,22 @@ def write_params(workdir: str, parts, config_dict: dict) -> None:
   """Writes a parameters-only step 0 ({"params": tree}, config, empty data_iter) in a staging folder, one
   (top-level name, subtree) part at a time with orbax's partial save: each part is on disk before the
   next is made. `commit_params` moves it into place."""
+  from orbax.checkpoint import v1 as ocp_v1  # pylint: disable=g-import-not-at-top
   from orbax.checkpoint.experimental.v1 import partial  # pylint: disable=g-import-not-at-top
   stage = epath.Path(_staging(workdir))
   if stage.exists():  # what a killed import left
     stage.rmtree()
   stage.mkdir(parents=True)
   step = stage / "0"
-  for name, tree in parts:
-    partial.save(step, {"params": {name: tree}})
-    del tree  # the next part is made only after this one is dropped
-  partial.finalize(step)
+  context = ocp_v1.Context()
+  # Chunks of at most CHUNK_BYTES (a host array would otherwise be one chunk): a process that restores its
+  # shard decodes chunk by chunk, never a whole table at once.
+  context.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
+  with context:
+    for name, tree in parts:
+      partial.save(step, {"params": {name: tree}})
+      del tree  # the next part is made only after this one is dropped
+    partial.finalize(step)
   for item, value in (("config", config_dict), ("data_iter", {})):
     (step / item).mkdir()
     ocp.JsonCheckpointHandler().save(step / item, args=ocp.args.JsonSave(value))

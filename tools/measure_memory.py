@@ -111,7 +111,7 @@ def load_process(args) -> None:
   print(json.dumps({"process": jax.process_index(), "devices": jax.local_device_count(),
                     "mesh": dict(trained.mesh.shape), "dtype": str(leaves[0].dtype),
                     "whole_set_bytes": whole, "whole_set_gib": round(whole / GIB, 3),
-                    "own_shards_gib": round(local / GIB, 3)}), flush=True)
+                    "own_shards_bytes": local, "own_shards_gib": round(local / GIB, 3)}), flush=True)
 
 
 def main():
