@@ -66,6 +66,7 @@ def main():
   parser.add_argument("--out", required=True, help="the folder to write (must not hold a config.json)")
   parser.add_argument("--size", default="1b", choices=sorted(SIZES))
   parser.add_argument("--shard_gib", type=float, default=1.0, help="bytes per safetensors shard, in GiB")
+  parser.add_argument("--num_layers", type=int, default=0, help="override the size's layer count (0: keep)")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   if os.path.exists(os.path.join(args.out, "config.json")):
@@ -75,6 +76,8 @@ def main():
         "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
         "attention_bias": False, "mlp_bias": False, "bos_token_id": 2, "eos_token_id": 0, "torch_dtype": "bfloat16",
         **SIZES[args.size]}
+  if args.num_layers:
+    hf["num_hidden_layers"] = args.num_layers
   with open(os.path.join(args.out, "config.json"), "w") as f:
     json.dump(hf, f, indent=2)
   write_tokenizer(args.out)
