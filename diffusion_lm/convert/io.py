@@ -123,11 +123,6 @@ class Tensors(Mapping):
   def __len__(self) -> int:
     return len(self._names)
 
-  def shape(self, name: str) -> tuple[int, ...]:
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-    with safe_open(self._where[self._names[name]], framework="np") as f:
-      return tuple(f.get_slice(self._names[name]).get_shape())
-
 
 def read_tensor(path: str, key: str) -> np.ndarray:
   """One tensor of a safetensors file as float32 (numpy has no bfloat16: those are read through jax)."""
@@ -242,15 +237,6 @@ def check_shapes(got: dict, expected: dict, complete: bool = True) -> None:
                     "these safetensors")
 
 
-def check_tree(params, model: Transformer, seq_len: int) -> None:
-  check_shapes(shapes_of(params), expected_shapes(model, seq_len))
-
-
-def assemble(parts) -> dict:
-  """The parameter tree of (top-level name, make) parts, every part made."""
-  return {name: make() for name, make in parts}
-
-
 def _default_config():
   """configs/default.py's config (every field), which the workdir's config starts from."""
   path = os.path.join(CONFIGS_DIR, "default.py")
@@ -345,7 +331,8 @@ def write_safetensors(tensors, folder: str) -> list[str]:
       data.write(memoryview(array).cast("B"))
       size += array.nbytes
       del array
-    data.close()
+    if data is not None:
+      data.close()
     if len(shards) == 1:
       names = ["model.safetensors"]
     else:
@@ -356,6 +343,8 @@ def write_safetensors(tensors, folder: str) -> list[str]:
     for path, _ in shards:
       if os.path.exists(path):
         os.remove(path)
+    if scratch != folder:
+      shutil.rmtree(scratch, ignore_errors=True)
   if len(shards) == 1:
     return names
   index = {"metadata": {"total_size": int(sum(end - begin for _, entries in shards
