@@ -330,10 +330,11 @@ class Run:
             f"{self.tokenizer.kind} tokenizer of {self.tokenizer.vocab_size} tokens)")
 
 
-def load(workdir: str, use_ema: bool = True) -> Run:
-  """Opens a trained workdir (local or gs://): its config, tokenizer and latest (EMA) parameters."""
+def load(workdir: str, use_ema: bool = True, dtype: str | None = None) -> Run:
+  """Opens a trained or converted workdir (local or gs://): its config, tokenizer and latest (EMA) parameters,
+  only those read, onto the workdir's mesh, in `dtype` ("float32" or "bfloat16"; None: float32)."""
   if not isinstance(workdir, (str, os.PathLike)) or not str(workdir):
     raise UserError(f"workdir={workdir!r}; allowed: the path of a trained workdir (a str or os.PathLike, local or "
                     "gs://)")
   workdir = paths.resolve(workdir)
-  return Run(workdir, experiment.load_trained(workdir, use_ema=use_ema), use_ema)
+  return Run(workdir, experiment.load_trained(workdir, use_ema=use_ema, dtype=dtype), use_ema)

@@ -374,6 +374,8 @@ def define_flags():
                     "with fresh parameters).")
   flags.DEFINE_string("ar_workdir", None, "Trained AR baseline: timed as the decoder and used as the judge.")
   config_flags.DEFINE_config_file("config", None, "Config whose model to benchmark with fresh parameters.")
+  flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "Restore the parameters in this dtype "
+                    "(default: float32, as trained; bfloat16 halves their memory).")
   flags.DEFINE_list("parts", ["train", "sampling", "quality"], "Parts to run, comma-separated; choices: train, "
                     "sampling, quality.")
   flags.DEFINE_list("batches", ["1", "32"], "Batch sizes for sampling.")
@@ -412,7 +414,7 @@ def main(argv):
     if part not in ("train", "sampling", "quality"):
       raise UserError(f"--parts includes {part!r}; allowed: train, sampling, quality")
   if FLAGS.workdir:
-    runs, source = [experiment.load_trained(w) for w in FLAGS.workdir], ", ".join(FLAGS.workdir)
+    runs, source = [experiment.load_trained(w, dtype=FLAGS.param_dtype) for w in FLAGS.workdir], ", ".join(FLAGS.workdir)
   elif FLAGS.config is not None:
     runs, source = [_fresh_run(FLAGS.config)], "fresh parameters"
   else:

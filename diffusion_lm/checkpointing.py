@@ -1,6 +1,9 @@
 """Orbax checkpoints of the train state, the data-iterator state and the config.
 
-Layout: WORKDIR/checkpoints/<step>/{state,data_iter,config}. Orbax writes each step to a temporary
+Layout: WORKDIR/checkpoints/<step>/{state,data_iter,config}. The state is a TrainState (step, params,
+ema_params, opt_state), or, in a workdir that convert wrote, the parameters only ({"params": tree}, at
+step 0): training builds the optimizer state and EMA from them on its devices (`restore(from_params=)`),
+and loading reads one subtree of either kind (`restore_params`). Orbax writes each step to a temporary
 directory and renames it when complete, so a kill during a save never leaves a checkpoint that
 `latest_step()` would pick up; saves are asynchronous, and `close()` waits for the last one.
 
@@ -16,7 +19,9 @@ import time
 from typing import NamedTuple
 
 from absl import logging
+from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -87,9 +92,71 @@ def restore_items(manager, step: int, trees: dict | None = None, records=()) -> 
   return {name: restored[name] for name in items}
 
 
-def restore(manager, step: int, abstract_state):
+def state_keys(manager, step: int) -> set[str]:
+  """The top-level names of a step's state: {step, params, ema_params, opt_state}, or {params} (convert)."""
+  path = epath.Path(str(manager.directory)) / str(step) / "state"
+  return set(ocp.PyTreeCheckpointHandler().metadata(path).tree)
+
+
+def params_only(manager, step: int) -> bool:
+  return "opt_state" not in state_keys(manager, step)
+
+
+RESTORE_GROUP_BYTES = 256 << 20  # parameter bytes (whole arrays) per orbax restore call
+
+
+def restore_params(manager, step: int, abstract_params, use_ema: bool = True):
+  """Restores one parameter tree of a step, its EMA parameters (or raw, use_ema=False; a parameters-only
+  step has one tree for both) and nothing else of the state, into `abstract_params`' shardings and
+  dtypes (each process reads the shards of its own devices; leaves without a sharding come to the host
+  as numpy). `abstract_params` may hold some top-level parts only: just those are read.
+
+  The parts are restored in groups of about RESTORE_GROUP_BYTES, one orbax call each: a call reads its
+  arrays concurrently, so the group bounds the read buffers in flight beside the shards kept. The config
+  is read as well, so a step whose config is damaged does not pass for intact."""
+  key = "ema_params" if use_ema and not params_only(manager, step) else "params"
+  manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  restored = {}
+  for group in _groups(abstract_params):
+    wanted = {key: group}
+    restored.update(manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=wanted, restore_args=jax.tree.map(_restore_args, wanted),
+                                     partial_restore=True))).state[key])
+  return restored
+
+
+def _groups(abstract_params) -> list[dict]:
+  """The top-level parts in order, gathered into dicts of about RESTORE_GROUP_BYTES (a bigger part alone)."""
+  groups, size = [{}], 0
+  for name, part in abstract_params.items():
+    nbytes = sum(leaf.size * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(part))
+    if groups[-1] and size + nbytes > RESTORE_GROUP_BYTES:
+      groups.append({})
+      size = 0
+    groups[-1][name] = part
+    size += nbytes
+  return groups
+
+
+def _restore_args(leaf):
+  """Into the leaf's sharding (each process reads its devices' shards), or onto the host as numpy
+  without one; in the leaf's dtype either way."""
+  if getattr(leaf, "sharding", None) is None:
+    return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+  return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype)
+
+
+def restore(manager, step: int, abstract_state, from_params=None):
   """Restores (state, data_state) at `step` into the given abstract (sharded) state. The config is read
-  as well, so a step whose config is damaged does not pass for intact."""
+  as well, so a step whose config is damaged does not pass for intact. A parameters-only step (convert)
+  becomes from_params(params) (training: a fresh optimizer state and EMA); without from_params it is
+  refused by name; its data state is None."""
+  if params_only(manager, step):
+    if from_params is None:
+      raise UserError(f"checkpoint step {step} in {manager.directory} holds parameters only (written by convert); "
+                      "allowed: train, sample, evaluate or --config.init_from with this workdir")
+    params = restore_params(manager, step, abstract_state.params, use_ema=False)
+    return from_params(params), None  # no data consumed yet: the iterator starts fresh
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
       data_iter=ocp.args.JsonRestore(),
@@ -98,12 +165,13 @@ def restore(manager, step: int, abstract_state):
   return restored.state, restored.data_iter
 
 
-def restore_latest(workdir: str, abstract_state):
-  """(step, state, data_state, damaged) of the newest checkpoint that restores whole (see restore_newest);
-  (None, None, None, []) when there is none."""
+def restore_latest(workdir: str, abstract_state, from_params=None):
+  """(step, state, data_state, damaged) of the newest checkpoint that restores whole (see restore_newest;
+  from_params: see restore); (None, None, None, []) when there is none."""
   manager = make_manager(workdir, read_only=True)
   try:
-    step, restored, damaged = restore_newest(manager, lambda s: restore(manager, s, abstract_state), workdir)
+    step, restored, damaged = restore_newest(
+        manager, lambda s: restore(manager, s, abstract_state, from_params), workdir)
   finally:
     manager.close()
   state, data_state = restored if restored is not None else (None, None)
@@ -214,3 +282,47 @@ def read_saved_config(workdir: str, quiet: bool = True):
     return step, config
   finally:
     manager.close()
+
+
+# ----------------------------------------------------------------------------- parameters-only checkpoints
+
+
+CHUNK_BYTES = 16 << 20  # storage chunk of a parameters-only checkpoint's arrays
+
+
+def _staging(workdir: str) -> str:
+  return paths.join(workdir, "checkpoints.staging")
+
+
+def write_params(workdir: str, parts, config_dict: dict) -> None:
+  """Writes a parameters-only step 0 ({"params": tree}, config, empty data_iter) in a staging folder, one
+  (top-level name, subtree) part at a time with orbax's partial save: each part is on disk before the
+  next is made. `commit_params` moves it into place."""
+  from orbax.checkpoint import v1 as ocp_v1  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint.experimental.v1 import partial  # pylint: disable=g-import-not-at-top
+  stage = epath.Path(_staging(workdir))
+  if stage.exists():  # what a killed import left
+    stage.rmtree()
+  stage.mkdir(parents=True)
+  step = stage / "0"
+  context = ocp_v1.Context()
+  # Chunks of at most CHUNK_BYTES (a host array would otherwise be one chunk): a process that restores its
+  # shard decodes chunk by chunk, never a whole table at once.
+  context.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
+  with context:
+    for name, tree in parts:
+      partial.save(step, {"params": {name: tree}})
+      del tree  # the next part is made only after this one is dropped
+    partial.finalize(step)
+  for item, value in (("config", config_dict), ("data_iter", {})):
+    (step / item).mkdir()
+    ocp.JsonCheckpointHandler().save(step / item, args=ocp.args.JsonSave(value))
+
+
+def commit_params(workdir: str) -> None:
+  """Moves the staged step 0 into the checkpoint folder (one rename: a killed import leaves no step)."""
+  stage = epath.Path(_staging(workdir))
+  target = epath.Path(checkpoint_dir(workdir))
+  target.mkdir(parents=True, exist_ok=True)
+  (stage / "0").rename(target / "0")
+  stage.rmtree()

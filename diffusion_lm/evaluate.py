@@ -32,6 +32,8 @@ def define_flags():
   flags.DEFINE_integer("num_t_samples", None, "Stratified time draws per sequence (default: the config's).")
   flags.DEFINE_integer("seed", None, "Evaluation seed (default: the config's evaluation.seed).")
   flags.DEFINE_integer("discrete_steps", None, "Also report the exact T-step discrete bound for this T (0 = off).")
+  flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "Restore the parameters in this dtype "
+                    "(default: float32, as trained; bfloat16 halves their memory).")
   flags.DEFINE_string("judge_workdir", None, "AR checkpoint scoring generated samples (generative perplexity).")
   flags.DEFINE_integer("num_gen_samples", 0, "Samples to generate for generative perplexity and entropy (0 = none).")
   flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS),
@@ -50,7 +52,7 @@ def main(argv):
     raise UserError("--workdir is required: the training workdir to evaluate")
   _check_flags()
   from diffusion_lm import api, experiment  # pylint: disable=g-import-not-at-top
-  trained = experiment.load_trained(FLAGS.workdir, use_ema=not FLAGS.raw_params)
+  trained = experiment.load_trained(FLAGS.workdir, use_ema=not FLAGS.raw_params, dtype=FLAGS.param_dtype)
   config = trained.config
   judge = _load_judge(trained) if FLAGS.judge_workdir else None  # before the evaluation pass, not after it
   record = api.evaluate(trained, FLAGS.workdir, split=FLAGS.split, max_batches=FLAGS.max_batches,

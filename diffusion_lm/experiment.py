@@ -273,16 +273,30 @@ def init_state(model, tx, mesh, key, seq_len, shardings):
 
 def initialize_from(state: TrainState, source_workdir: str, mesh, shardings) -> TrainState:
   """The state with params and EMA params replaced by `source_workdir`'s EMA parameters (fine-tuning a
-  trained or converted model; config.init_from). The parameter trees must agree in names and shapes."""
-  source = load_trained(source_workdir, mesh_config=None)
+  trained or converted model; config.init_from), read straight into this mesh's shardings. The parameter
+  trees must agree in names and shapes."""
+  from diffusion_lm import loading  # pylint: disable=g-import-not-at-top
+  source_config, _, source_model = loading.open_workdir(source_workdir)
+  source, _ = loading.param_shardings(source_model, mesh, source_config.data.seq_len)
   want = jax.tree_util.tree_structure(state.params)
-  if jax.tree_util.tree_structure(source.params) != want or any(
-      a.shape != b.shape for a, b in zip(jax.tree.leaves(source.params), jax.tree.leaves(state.params))):
+  if jax.tree_util.tree_structure(source) != want or any(
+      a.shape != b.shape for a, b in zip(jax.tree.leaves(source), jax.tree.leaves(state.params))):
     raise UserError(f"init_from={source_workdir!r} holds a model of another shape than config.model describes; "
                     "allowed: the source's own model settings (e.g. --config=configs/sft.py:SOURCE)")
-  params = jax.device_put(source.params, shardings.params)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.params,
+                          shardings.params)
+  _, params = loading.restore_params(source_workdir, abstract, use_ema=True)
   # Separate buffers: the train step donates the state, and one buffer donated twice is invalid.
   return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+
+
+def state_from_params(params, tx, mesh, shardings) -> TrainState:
+  """A step-0 train state around restored parameters (a converted workdir's checkpoint holds only those):
+  the EMA a copy of them, a fresh optimizer state built on the devices in its shardings."""
+  init_opt = jax.jit(tx.init, out_shardings=shardings.opt_state)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
+                      ema_params=jax.tree.map(jnp.copy, params), opt_state=init_opt(params))
 
 
 def param_count(params) -> int:
@@ -573,45 +587,12 @@ def describe_mismatch(saved: dict, config, vocab_size: int) -> str | None:
   return None
 
 
-@dataclasses.dataclass
-class Trained:
-  """A trained workdir opened for sampling or evaluation."""
-
-  config: Any
-  tokenizer: Any
-  model: Transformer
-  schedule: Schedule
-  mesh: Any
-  params: Any
-  param_shardings: Any
-  step: int
-
-
-def load_trained(workdir: str, use_ema: bool = True, mesh_config=None) -> Trained:
-  """Loads config, tokenizer and (EMA) params of the latest checkpoint in `workdir`."""
-  paths.check_uri_support(workdir)
-  if paths.exists(workdir) and not paths.isdir(workdir):
-    raise UserError(f"workdir {workdir!r} is a file, not a folder; allowed: a workdir written by "
-                    "python -m diffusion_lm.train (or convert)")
-  step, saved = checkpointing.read_saved_config(workdir)
-  if step is None:
-    raise UserError(f"workdir {workdir!r} holds no checkpoint; train first with "
-                    f"python -m diffusion_lm.train --config=... --workdir={workdir}")
-  config = config_from_dict(saved)
-  tokenizer = tokenizers.load_tokenizer(tokenizer_dir(workdir))
-  if tokenizer is None:
-    raise UserError(f"workdir {workdir!r} holds a checkpoint but no tokenizer file")
-  if saved.get("vocab_size") not in (None, tokenizer.vocab_size):
-    raise UserError(f"workdir {workdir!r}: the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint"
-                    f" was trained with {saved['vocab_size']}")
-  mesh = sharding.make_mesh(mesh_config or config.mesh)
-  model = Transformer(model_config(config, tokenizer.vocab_size))
-  tx, _ = make_optimizer(config)
-  abstract, shardings = state_shardings(model, tx, mesh, config.data.seq_len)
-  step, state, _, _ = checkpointing.restore_latest(workdir, abstract)
-  params = state.ema_params if use_ema else state.params
-  return Trained(config, tokenizer, model, schedule_from_config(config), mesh, params,
-                 shardings.params, step)
+def __getattr__(name: str):
+  """Trained and load_trained live in loading.py (imported on first use: loading imports this module)."""
+  if name in ("Trained", "load_trained"):
+    from diffusion_lm import loading  # pylint: disable=g-import-not-at-top
+    return getattr(loading, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def ar_scorer(trained: "Trained"):

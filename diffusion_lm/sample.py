@@ -37,6 +37,8 @@ def define_flags():
   # What to sample from, and what to generate.
   flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints and the tokenizer.")
   flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA parameters.")
+  flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "Restore the parameters in this dtype "
+                    "(default: float32, as trained; bfloat16 halves their memory).")
   flags.DEFINE_integer("num_samples", 4, "Number of sequences to generate.")
   flags.DEFINE_integer("seq_len", None, "Length of each sequence in tokens (default: data.seq_len).")
   flags.DEFINE_integer("max_new_tokens", None, "Generate up to this many tokens after the prompt (instead of "
@@ -111,7 +113,7 @@ def main(argv):
   from diffusion_lm import api, experiment, paths, visualize  # pylint: disable=g-import-not-at-top
   if FLAGS.html and (paths.isdir(FLAGS.html) or (not paths.is_uri(FLAGS.html) and FLAGS.html.endswith(os.sep))):
     raise UserError(f"--html={FLAGS.html} is a directory; allowed: the path of an .html file to write")
-  trained = experiment.load_trained(FLAGS.workdir, use_ema=not FLAGS.raw_params)
+  trained = experiment.load_trained(FLAGS.workdir, use_ema=not FLAGS.raw_params, dtype=FLAGS.param_dtype)
   model_config = trained.model.config
   overrides = {name: getattr(FLAGS, name) for name in _OVERRIDES}
   if FLAGS.chat:

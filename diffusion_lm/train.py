@@ -97,11 +97,16 @@ def _train(config, workdir: str, stop_after, writer_lease) -> dict:
   if saved_step is not None:
     # The newest checkpoint that restores whole; damaged newer ones are moved aside before the manager
     # that will save over their steps opens.
-    saved_step, state, data_state, damaged = checkpointing.restore_latest(workdir, abstract_state)
+    # A converted workdir's step 0 holds the parameters only: the optimizer state and EMA start here.
+    saved_step, state, data_state, damaged = checkpointing.restore_latest(
+        workdir, abstract_state, from_params=lambda p: experiment.state_from_params(p, tx, mesh, shardings))
     checkpointing.quarantine(workdir, damaged)
     paths.sync("diffusion_lm:quarantine")
   manager = checkpointing.make_manager(workdir, t.checkpoint_every, t.keep_checkpoints)
-  if saved_step is not None:
+  if saved_step is not None and data_state is None:
+    _log(f"started from the parameters of {workdir} (a converted checkpoint: a fresh optimizer state, the EMA "
+         "from the parameters)")
+  elif saved_step is not None:
     data_iter.set_state(data_state)
     _log(f"resumed from checkpoint step {saved_step} in {workdir}"
          + (f" (damaged: step {', '.join(str(d.step) for d in damaged)}, moved to "

@@ -15,7 +15,9 @@ shapes (told apart by config.json, in FAMILIES' order) over the shared reader/wr
   roberta     RobertaForMaskedLM (diffusion)             modernbert  ModernBertForMaskedLM (diffusion)
 
 A family module has NAME, optionally DATA (config.data fields of its workdirs), matches(hf_config), settings(folder, hf_config) -> (ModelConfig fields,
-objective, {"eos_id", "mask_id"}) and params_from(tensors, ModelConfig); a family that exports also has
+objective, {"eos_id", "mask_id"}) and param_parts(tensors, ModelConfig) -> [(top-level name, make)] (each part
+reads its tensors when made: the import holds one block or table at a time and writes the workdir's
+parameters-only checkpoint part by part); a family that exports also has
 writes(ModelConfig), tensors_of(params, ModelConfig) and export_config(ModelConfig, tokenizer).
 
 Export writes the first layout in EXPORTS that holds the model: BERT's or RoBERTa's (BertForMaskedLM /
@@ -27,9 +29,8 @@ the parameters).
 """
 
 from absl import flags
-import jax
 
-from diffusion_lm import experiment, generation_config
+from diffusion_lm import experiment, generation_config, loading
 from diffusion_lm.convert import bert, dream, gpt2, io, llada, llama, modernbert, qwen2, roberta
 from diffusion_lm.convert.io import SECTION, read_safetensors, write_workdir  # noqa: F401 (the package's API)
 from diffusion_lm.errors import UserError, cli_main
@@ -59,8 +60,9 @@ def model_settings(folder: str, hf: dict, family) -> tuple[dict, str, dict]:
   return family.settings(folder, hf)
 
 
-def import_hf(folder: str, workdir: str, max_len: int = 0, seq_len: int = 128) -> dict:
-  """Converts the Hugging Face folder into `workdir`; returns a summary (family, objective, parameters)."""
+def import_hf(folder: str, workdir: str, max_len: int = 0, seq_len: int = 128, dtype: str = "float32") -> dict:
+  """Converts the Hugging Face folder into `workdir` (parameters only, stored in `dtype`, read and written
+  one tensor / block at a time); returns a summary (family, objective, parameters)."""
   hf = io.read_hf_config(folder)
   family = family_of(hf)
   fields, objective, ids = model_settings(folder, hf, family)
@@ -71,23 +73,32 @@ def import_hf(folder: str, workdir: str, max_len: int = 0, seq_len: int = 128) -
   elif SECTION not in hf:
     fields["max_len"] = min(fields["max_len"], 4096)  # the decoding cache holds max_len positions
   cfg = ModelConfig(**fields)
-  tensors = io.read_safetensors(folder)
+  tensors = io.Tensors.of_folder(folder)
   if cfg.tie_embeddings:
-    tensors.pop("lm_head.weight", None)
-  try:
-    params = family.params_from(tensors, cfg)
-  except ValueError as e:  # a reshape of a tensor whose size config.json does not predict
-    if isinstance(e, UserError):
-      raise
-    raise UserError(f"the tensors in {folder!r} do not fit its config.json ({' '.join(str(e).split())[:200]}); "
-                    "allowed: the config.json that came with these safetensors") from None
+    tensors = tensors.without("lm_head.weight")
   tokenizer = io.hf_tokenizer(folder, cfg.vocab_size, ids["eos_id"], ids["mask_id"])
   sampling = generation_config.sampling_defaults(folder, family.NAME) if objective == "diffusion" else {}
-  io.write_workdir(workdir, fields, objective, tokenizer, params, seq_len, getattr(family, "DATA", None), sampling)
+  parts = [(name, _fitted(make, folder)) for name, make in family.param_parts(tensors, cfg)]
+  written = io.write_workdir(workdir, fields, objective, tokenizer, parts, seq_len, getattr(family, "DATA", None),
+                             sampling, dtype=dtype)
   io.copy_template(folder, workdir)
   name = family.NAME if SECTION not in hf else f"diffusion_lm export ({family.NAME} layout)"
-  return {"family": name, "objective": objective, "parameters": experiment.param_count(params),
+  return {"family": name, "objective": objective, "parameters": written["parameters"], "dtype": dtype,
           "vocab_size": cfg.vocab_size, "mask_id": tokenizer.mask_id, "eos_id": tokenizer.eos_id}
+
+
+def _fitted(make, folder: str):
+  """make() with a reshape of a tensor whose size config.json does not predict named in one line."""
+  def fitted():
+    try:
+      return make()
+    except ValueError as e:
+      if isinstance(e, UserError):
+        raise
+      raise UserError(f"the tensors in {folder!r} do not fit its config.json ({' '.join(str(e).split())[:200]}); "
+                      "allowed: the config.json that came with these safetensors") from None
+  return fitted
+
 
 
 def export_family(cfg: ModelConfig):
@@ -102,17 +113,20 @@ def export_family(cfg: ModelConfig):
 
 
 def export_hf(workdir: str, folder: str, use_ema: bool = True) -> list[str]:
-  """Writes the workdir's model as a Hugging Face folder; returns the files written."""
-  trained = experiment.load_trained(workdir, use_ema=use_ema)
-  cfg, tokenizer = trained.model.config, trained.tokenizer
-  family = export_family(cfg)
-  tensors = family.tensors_of(jax.device_get(trained.params), cfg)
-  model_fields = dict(experiment.config_to_dict(trained.config)["model"])
-  model_fields["vocab_size"] = cfg.vocab_size
-  hf = {**family.export_config(cfg, tokenizer),
-        SECTION: {"model": model_fields, "objective": trained.config.objective, "mask_id": tokenizer.mask_id}}
-  return io.write_folder(folder, tensors, hf, tokenizer, cfg.padded_vocab, sampling=trained.config.sampling,
-                         chat_template=io.read_workdir_template(workdir))
+  """Writes the workdir's model as a Hugging Face folder; returns the files written. The parameters are
+  read one top-level part (a block, a table) at a time and each tensor is written as it is made."""
+  params = loading.StoredParams(workdir, use_ema=use_ema)
+  try:
+    config, cfg, tokenizer = params.config, params.model.config, params.tokenizer
+    family = export_family(cfg)
+    model_fields = dict(experiment.config_to_dict(config)["model"])
+    model_fields["vocab_size"] = cfg.vocab_size
+    hf = {**family.export_config(cfg, tokenizer),
+          SECTION: {"model": model_fields, "objective": config.objective, "mask_id": tokenizer.mask_id}}
+    return io.write_folder(folder, family.tensors_of(params, cfg), hf, tokenizer, cfg.padded_vocab,
+                           sampling=config.sampling, chat_template=io.read_workdir_template(workdir))
+  finally:
+    params.close()
 
 
 # ----------------------------------------------------------------------------- command line
@@ -126,6 +140,8 @@ def define_flags():
   flags.DEFINE_integer("max_len", 0, "Import: longest sequence the model accepts (default: the checkpoint's, "
                        "at most 4096; the decoding cache holds this many positions).")
   flags.DEFINE_integer("seq_len", 128, "Import: data.seq_len of the workdir's config (sample / evaluate default).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Import: the stored parameters' dtype (training "
+                    "restores them as float32; sample / evaluate may keep bfloat16 with --param_dtype).")
   flags.DEFINE_bool("raw_params", False, "Export: the raw parameters instead of the EMA parameters.")
 
 
@@ -137,8 +153,8 @@ def main(argv):
   if not f.workdir or bool(f.from_hf) == bool(f.to_hf):
     raise UserError("convert needs --workdir and exactly one of --from_hf (import) or --to_hf (export)")
   if f.from_hf:
-    summary = import_hf(f.from_hf, f.workdir, f.max_len, f.seq_len)
-    print(f"imported {summary['family']} ({summary['parameters']:,} parameters, vocab {summary['vocab_size']}, "
+    summary = import_hf(f.from_hf, f.workdir, f.max_len, f.seq_len, f.dtype)
+    print(f"imported {summary['family']} ({summary['parameters']:,} {summary['dtype']} parameters, vocab {summary['vocab_size']}, "
           f"[MASK] id {summary['mask_id']}, end-of-text id {summary['eos_id']}) as objective "
           f"{summary['objective']!r} into {f.workdir}")
   else:

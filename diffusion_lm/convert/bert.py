@@ -7,9 +7,7 @@ here serves both through `Names`.
 """
 
 import dataclasses
-
-import jax
-import numpy as np
+import functools
 
 from diffusion_lm.convert import io
 from diffusion_lm.errors import UserError
@@ -76,42 +74,50 @@ def _layer_norm(get, name: str) -> dict:
     return {"scale": get(name + ".gamma"), "bias": get(name + ".beta")}
 
 
-def encoder_params(tensors: dict, cfg: ModelConfig, names: Names) -> dict:
-  """The Transformer parameter tree from BERT-style tensors (HF Linear weights are [out, in])."""
+def encoder_parts(tensors, cfg: ModelConfig, names: Names) -> list:
+  """(top-level name, make) parts of the Transformer parameter tree from BERT-style tensors (HF Linear
+  weights are [out, in]); each part reads its tensors when made."""
   get = io.getter(tensors)
-  d, h, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
   e = names.body + "embeddings."
-  table = get(e + "position_embeddings.weight")
-  if table.shape[0] < cfg.max_len + cfg.position_offset:
-    raise UserError(f"model.max_len={cfg.max_len} exceeds the checkpoint's "
-                    f"{table.shape[0] - cfg.position_offset} learned positions")
-  params = {"embed": {"embedding": io.pad_rows(get(e + "word_embeddings.weight"), cfg.padded_vocab, None)},
-            "pos_embed": table[:cfg.max_len + cfg.position_offset],
-            "type_embed": get(e + "token_type_embeddings.weight"),
-            "embed_norm": _layer_norm(get, e + "LayerNorm"),
-            "head_transform": {"kernel": get(names.transform + ".weight").T, "bias": get(names.transform + ".bias")},
-            "head_norm": _layer_norm(get, names.transform_norm),
-            "head_bias": io.pad_rows(get(names.bias), cfg.padded_vocab, None)}
+
+  def pos_embed():
+    table = get(e + "position_embeddings.weight")
+    if table.shape[0] < cfg.max_len + cfg.position_offset:
+      raise UserError(f"model.max_len={cfg.max_len} exceeds the checkpoint's "
+                      f"{table.shape[0] - cfg.position_offset} learned positions")
+    return table[:cfg.max_len + cfg.position_offset].copy()
+
+  parts = [("embed", lambda: {"embedding": io.pad_rows(get(e + "word_embeddings.weight"), cfg.padded_vocab, None)}),
+           ("pos_embed", pos_embed),
+           ("type_embed", lambda: get(e + "token_type_embeddings.weight")),
+           ("embed_norm", lambda: _layer_norm(get, e + "LayerNorm")),
+           ("head_transform", lambda: {"kernel": get(names.transform + ".weight").T,
+                                       "bias": get(names.transform + ".bias")}),
+           ("head_norm", lambda: _layer_norm(get, names.transform_norm)),
+           ("head_bias", lambda: io.pad_rows(get(names.bias), cfg.padded_vocab, None))]
   if not cfg.tie_embeddings:
-    params["head"] = {"kernel": io.pad_rows(get(names.decoder), cfg.padded_vocab, None).T.copy()}
-  for i in range(cfg.num_layers):
-    p = f"{names.body}encoder.layer.{i}."
-    a = p + "attention."
-    params[f"block_{i}"] = {
-        **{name: get(f"{a}self.{name}.weight").T.reshape(d, h, hd) for name in ("query", "key", "value")},
-        **{f"{name}_bias": get(f"{a}self.{name}.bias").reshape(h, hd) for name in ("query", "key", "value")},
-        "out": get(a + "output.dense.weight").T.reshape(h, hd, d),
-        "out_bias": get(a + "output.dense.bias"),
-        "attn_norm": _layer_norm(get, a + "output.LayerNorm"),
-        "wi": {"kernel": get(p + "intermediate.dense.weight").T, "bias": get(p + "intermediate.dense.bias")},
-        "wo": {"kernel": get(p + "output.dense.weight").T, "bias": get(p + "output.dense.bias")},
-        "mlp_norm": _layer_norm(get, p + "output.LayerNorm"),
-    }
-  return params
+    parts.append(("head", lambda: {"kernel": io.pad_rows(get(names.decoder), cfg.padded_vocab, None).T.copy()}))
+  return parts + [(f"block_{i}", functools.partial(_encoder_block, get, cfg, f"{names.body}encoder.layer.{i}."))
+                  for i in range(cfg.num_layers)]
 
 
-def params_from(tensors: dict, cfg: ModelConfig) -> dict:
-  return encoder_params(tensors, cfg, NAMES)
+def _encoder_block(get, cfg: ModelConfig, p: str) -> dict:
+  d, h, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
+  a = p + "attention."
+  return {
+      **{name: get(f"{a}self.{name}.weight").T.reshape(d, h, hd) for name in ("query", "key", "value")},
+      **{f"{name}_bias": get(f"{a}self.{name}.bias").reshape(h, hd) for name in ("query", "key", "value")},
+      "out": get(a + "output.dense.weight").T.reshape(h, hd, d),
+      "out_bias": get(a + "output.dense.bias"),
+      "attn_norm": _layer_norm(get, a + "output.LayerNorm"),
+      "wi": {"kernel": get(p + "intermediate.dense.weight").T, "bias": get(p + "intermediate.dense.bias")},
+      "wo": {"kernel": get(p + "output.dense.weight").T, "bias": get(p + "output.dense.bias")},
+      "mlp_norm": _layer_norm(get, p + "output.LayerNorm"),
+  }
+
+
+def param_parts(tensors, cfg: ModelConfig) -> list:
+  return encoder_parts(tensors, cfg, NAMES)
 
 
 def is_encoder(cfg: ModelConfig) -> bool:
@@ -126,34 +132,39 @@ def writes(cfg: ModelConfig) -> bool:
   return is_encoder(cfg) and cfg.position_offset == 0
 
 
-def encoder_tensors(params, cfg: ModelConfig, names: Names) -> dict[str, np.ndarray]:
-  """BERT-style tensors of a Transformer parameter tree; every table row kept."""
-  p = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+def encoder_tensors(params, cfg: ModelConfig, names: Names):
+  """(name, BERT-style tensor) pairs of a Transformer parameter tree, every table row kept; `params` may be
+  any mapping of top-level parts (export reads one part at a time)."""
   d, h, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
   e = names.body + "embeddings."
-  norm = lambda name, tree: {name + ".weight": tree["scale"], name + ".bias": tree["bias"]}
-  out = {e + "word_embeddings.weight": p["embed"]["embedding"], e + "position_embeddings.weight": p["pos_embed"],
-         e + "token_type_embeddings.weight": p["type_embed"], **norm(e + "LayerNorm", p["embed_norm"]),
-         names.transform + ".weight": p["head_transform"]["kernel"].T,
-         names.transform + ".bias": p["head_transform"]["bias"], **norm(names.transform_norm, p["head_norm"]),
-         names.bias: p["head_bias"]}
+  norm = lambda name, tree: [(name + ".weight", tree["scale"]), (name + ".bias", tree["bias"])]
+  yield e + "word_embeddings.weight", params["embed"]["embedding"]
+  yield e + "position_embeddings.weight", params["pos_embed"]
+  yield e + "token_type_embeddings.weight", params["type_embed"]
+  yield from norm(e + "LayerNorm", params["embed_norm"])
+  yield names.transform + ".weight", params["head_transform"]["kernel"].T
+  yield names.transform + ".bias", params["head_transform"]["bias"]
+  yield from norm(names.transform_norm, params["head_norm"])
+  yield names.bias, params["head_bias"]
   if not cfg.tie_embeddings:
-    out[names.decoder] = p["head"]["kernel"].T
+    yield names.decoder, params["head"]["kernel"].T
   for i in range(cfg.num_layers):
-    b, q = p[f"block_{i}"], f"{names.body}encoder.layer.{i}."
+    b, q = params[f"block_{i}"], f"{names.body}encoder.layer.{i}."
     a = q + "attention."
     for name in ("query", "key", "value"):
-      out[f"{a}self.{name}.weight"] = b[name].reshape(d, h * hd).T
-      out[f"{a}self.{name}.bias"] = b[f"{name}_bias"].reshape(-1)
-    out.update({a + "output.dense.weight": b["out"].reshape(h * hd, d).T, a + "output.dense.bias": b["out_bias"],
-                **norm(a + "output.LayerNorm", b["attn_norm"]),
-                q + "intermediate.dense.weight": b["wi"]["kernel"].T, q + "intermediate.dense.bias": b["wi"]["bias"],
-                q + "output.dense.weight": b["wo"]["kernel"].T, q + "output.dense.bias": b["wo"]["bias"],
-                **norm(q + "output.LayerNorm", b["mlp_norm"])})
-  return {name: np.ascontiguousarray(value) for name, value in out.items()}
+      yield f"{a}self.{name}.weight", b[name].reshape(d, h * hd).T
+      yield f"{a}self.{name}.bias", b[f"{name}_bias"].reshape(-1)
+    yield a + "output.dense.weight", b["out"].reshape(h * hd, d).T
+    yield a + "output.dense.bias", b["out_bias"]
+    yield from norm(a + "output.LayerNorm", b["attn_norm"])
+    yield q + "intermediate.dense.weight", b["wi"]["kernel"].T
+    yield q + "intermediate.dense.bias", b["wi"]["bias"]
+    yield q + "output.dense.weight", b["wo"]["kernel"].T
+    yield q + "output.dense.bias", b["wo"]["bias"]
+    yield from norm(q + "output.LayerNorm", b["mlp_norm"])
 
 
-def tensors_of(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
+def tensors_of(params, cfg: ModelConfig):
   return encoder_tensors(params, cfg, NAMES)
 
 

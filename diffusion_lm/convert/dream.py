@@ -4,7 +4,7 @@ token i + 1 (model.shift_logits), its own [MASK] id; imported as a masked diffus
 from diffusion_lm.convert import llama
 
 NAME = "dream"
-params_from = llama.params_from
+param_parts = llama.param_parts
 
 
 def matches(hf: dict) -> bool:

@@ -1,6 +1,8 @@
 """GPT-2 (GPT2LMHeadModel): learned positions, LayerNorm with biases, GELU, tied head; imported as an
 autoregressive model (import only)."""
 
+import functools
+
 import numpy as np
 
 from diffusion_lm.convert import io, llama
@@ -31,29 +33,34 @@ def settings(folder: str, hf: dict) -> tuple[dict, str, dict]:
   return fields, "ar", {"eos_id": llama.eos_of(hf), "mask_id": -1}
 
 
-def params_from(tensors: dict, cfg: ModelConfig) -> dict:
-  """The Transformer parameter tree from GPT-2 tensors (its Conv1D weights are [in, out])."""
-  tensors = {name.removeprefix("transformer."): value for name, value in tensors.items()}
-  get = io.getter(tensors)
+def param_parts(tensors: io.Tensors, cfg: ModelConfig) -> list:
+  """(top-level name, make) parts of the Transformer parameter tree from GPT-2 tensors (its Conv1D weights
+  are [in, out]); each part reads its tensors when made."""
+  get = io.getter(tensors.renamed({name.removeprefix("transformer."): name for name in tensors}))
+
+  def pos_embed():
+    wpe = get("wpe.weight")
+    if wpe.shape[0] < cfg.max_len:
+      raise UserError(f"model.max_len={cfg.max_len} exceeds the checkpoint's {wpe.shape[0]} learned positions")
+    return wpe[:cfg.max_len].copy()
+
+  return [("embed", lambda: {"embedding": io.pad_rows(get("wte.weight"), cfg.padded_vocab, cfg.vocab_size)}),
+          ("pos_embed", pos_embed),
+          ("final_norm", lambda: {"scale": get("ln_f.weight"), "bias": get("ln_f.bias")})] + [
+              (f"block_{i}", functools.partial(_block, get, cfg, f"h.{i}.")) for i in range(cfg.num_layers)]
+
+
+def _block(get, cfg: ModelConfig, p: str) -> dict:
   d, h, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
-  wpe = get("wpe.weight")
-  if wpe.shape[0] < cfg.max_len:
-    raise UserError(f"model.max_len={cfg.max_len} exceeds the checkpoint's {wpe.shape[0]} learned positions")
-  params = {"embed": {"embedding": io.pad_rows(get("wte.weight"), cfg.padded_vocab, cfg.vocab_size)},
-            "pos_embed": wpe[:cfg.max_len],
-            "final_norm": {"scale": get("ln_f.weight"), "bias": get("ln_f.bias")}}
-  for i in range(cfg.num_layers):
-    p = f"h.{i}."
-    w_qkv = np.split(get(p + "attn.c_attn.weight"), 3, axis=1)
-    b_qkv = np.split(get(p + "attn.c_attn.bias"), 3)
-    params[f"block_{i}"] = {
-        "attn_norm": {"scale": get(p + "ln_1.weight"), "bias": get(p + "ln_1.bias")},
-        "mlp_norm": {"scale": get(p + "ln_2.weight"), "bias": get(p + "ln_2.bias")},
-        **{name: w.reshape(d, h, hd) for name, w in zip(("query", "key", "value"), w_qkv)},
-        **{f"{name}_bias": b.reshape(h, hd) for name, b in zip(("query", "key", "value"), b_qkv)},
-        "out": get(p + "attn.c_proj.weight").reshape(h, hd, d),
-        "out_bias": get(p + "attn.c_proj.bias"),
-        "wi": {"kernel": get(p + "mlp.c_fc.weight"), "bias": get(p + "mlp.c_fc.bias")},
-        "wo": {"kernel": get(p + "mlp.c_proj.weight"), "bias": get(p + "mlp.c_proj.bias")},
-    }
-  return params
+  w_qkv = np.split(get(p + "attn.c_attn.weight"), 3, axis=1)
+  b_qkv = np.split(get(p + "attn.c_attn.bias"), 3)
+  return {
+      "attn_norm": {"scale": get(p + "ln_1.weight"), "bias": get(p + "ln_1.bias")},
+      "mlp_norm": {"scale": get(p + "ln_2.weight"), "bias": get(p + "ln_2.bias")},
+      **{name: w.reshape(d, h, hd) for name, w in zip(("query", "key", "value"), w_qkv)},
+      **{f"{name}_bias": b.reshape(h, hd) for name, b in zip(("query", "key", "value"), b_qkv)},
+      "out": get(p + "attn.c_proj.weight").reshape(h, hd, d),
+      "out_bias": get(p + "attn.c_proj.bias"),
+      "wi": {"kernel": get(p + "mlp.c_fc.weight"), "bias": get(p + "mlp.c_fc.bias")},
+      "wo": {"kernel": get(p + "mlp.c_proj.weight"), "bias": get(p + "mlp.c_proj.bias")},
+  }

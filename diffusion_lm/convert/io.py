@@ -6,9 +6,12 @@ Safetensors are read and written with the `safetensors` package's numpy API (bfl
 its flax reader); torch is never imported.
 """
 
+from collections.abc import Mapping
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +46,8 @@ def read_hf_config(folder: str) -> dict:
   return hf
 
 
-def read_safetensors(folder: str) -> dict[str, np.ndarray]:
-  """Every tensor of the folder's checkpoint as float32 numpy arrays (bfloat16/float16 widened)."""
+def safetensors_files(folder: str) -> list[str]:
+  """The paths of the folder's safetensors: model.safetensors, or the shards its index lists."""
   index = os.path.join(folder, "model.safetensors.index.json")
   if os.path.isfile(index):
     try:
@@ -60,32 +63,82 @@ def read_safetensors(folder: str) -> dict[str, np.ndarray]:
   if not files:
     raise UserError(f"--from_hf={folder!r} holds no *.safetensors; allowed: a folder with model.safetensors or "
                     "shards listed by model.safetensors.index.json (convert .bin checkpoints with transformers)")
-  tensors = {}
   for name in files:
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-      raise UserError(f"{path!r} is listed by model.safetensors.index.json but missing; allowed: the complete folder")
+    if not os.path.isfile(os.path.join(folder, name)):
+      raise UserError(f"{os.path.join(folder, name)!r} is listed by model.safetensors.index.json but missing; "
+                      "allowed: the complete folder")
+  return [os.path.join(folder, name) for name in files]
+
+
+def _unreadable(path: str, error: Exception) -> UserError:
+  return UserError(f"{path!r} does not read as safetensors ({type(error).__name__}: "
+                   f"{' '.join(str(error).split())[:160]}); allowed: an intact file (a truncated or interrupted "
+                   "download: fetch it again)")
+
+
+class Tensors(Mapping):
+  """The tensors of a folder's safetensors by name, each read from its file (float32; bfloat16/float16
+  widened) when asked for and not kept: an import holds one tensor at a time, not the checkpoint.
+  `renamed` gives a view under other names (a family whose names differ from the layout it maps through)."""
+
+  def __init__(self, where: dict[str, str], names: dict[str, str] | None = None):
+    self._where = where  # stored name -> file
+    self._names = names if names is not None else {name: name for name in where}  # name -> stored name
+
+  @classmethod
+  def of_folder(cls, folder: str) -> "Tensors":
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    where = {}
+    for path in safetensors_files(folder):
+      try:
+        with safe_open(path, framework="np") as f:
+          where.update({key: path for key in f.keys()})
+      except Exception as e:  # pylint: disable=broad-except  (SafetensorError, OSError...)
+        raise _unreadable(path, e) from None
+    return cls(where)
+
+  def renamed(self, names: dict[str, str]) -> "Tensors":
+    """A view whose name k is this mapping's names[k]."""
+    return Tensors(self._where, {new: self._names[old] for new, old in names.items()})
+
+  def without(self, name: str) -> "Tensors":
+    return Tensors(self._where, {k: v for k, v in self._names.items() if k != name})
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    stored = self._names[name]
+    path = self._where[stored]
     try:
-      tensors.update(_read_safetensors_file(path))
+      return read_tensor(path, stored)
     except (UserError, MemoryError):
       raise
-    except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own SafetensorError, OSError...)
-      raise UserError(f"{path!r} does not read as safetensors ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
-                      "allowed: an intact file (a truncated or interrupted download: fetch it again)") from None
-  return tensors
+    except Exception as e:  # pylint: disable=broad-except
+      raise _unreadable(path, e) from None
+
+  def __contains__(self, name) -> bool:  # without reading the tensor
+    return name in self._names
+
+  def __iter__(self):
+    return iter(self._names)
+
+  def __len__(self) -> int:
+    return len(self._names)
 
 
-def _read_safetensors_file(path: str) -> dict[str, np.ndarray]:
+def read_tensor(path: str, key: str) -> np.ndarray:
+  """One tensor of a safetensors file as float32 (numpy has no bfloat16: those are read through jax)."""
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  tensors = {}
   with safe_open(path, framework="np") as f:
-    for key in f.keys():
-      if f.get_slice(key).get_dtype() == "BF16":  # numpy has no bfloat16: read through jax
-        with safe_open(path, framework="flax") as g:
-          tensors[key] = np.asarray(g.get_tensor(key).astype(jnp.float32))
-      else:
-        tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
-  return tensors
+    if f.get_slice(key).get_dtype() != "BF16":
+      return np.asarray(f.get_tensor(key), dtype=np.float32)
+  with safe_open(path, framework="flax") as g:
+    return np.asarray(g.get_tensor(key)).astype(np.float32)
+
+
+def read_safetensors(folder: str) -> dict[str, np.ndarray]:
+  """Every tensor of the folder's checkpoint as float32 numpy arrays (bfloat16/float16 widened); for
+  small checkpoints and tests (an import reads them one at a time through `Tensors`)."""
+  tensors = Tensors.of_folder(folder)
+  return {name: tensors[name] for name in tensors}
 
 
 def require(hf: dict, key: str, allowed, what: str) -> None:
@@ -159,18 +212,26 @@ def token_id(folder: str, *candidates: str) -> int | None:
 # ----------------------------------------------------------------------------- workdirs
 
 
-def check_tree(params, model: Transformer, seq_len: int) -> None:
-  """The built tree must be exactly the one the network initialises (names and shapes)."""
+def expected_shapes(model: Transformer, seq_len: int) -> dict[str, tuple]:
+  """{key path: shape} of the tree the network initialises (computed abstractly: nothing allocated)."""
   expected = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32),
                                                jnp.zeros((1,), jnp.float32)))["params"]
-  expected = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(
+  return {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(
       jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, expected,
                    is_leaf=lambda x: hasattr(x, "unbox")))}
-  got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
-  if expected != got:
-    missing = sorted(set(expected) - set(got))[:3]
-    extra = sorted(set(got) - set(expected))[:3]
-    shapes = [(k, got[k], expected[k]) for k in sorted(set(got) & set(expected)) if got[k] != expected[k]][:3]
+
+
+def shapes_of(tree) -> dict[str, tuple]:
+  return {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_shapes(got: dict, expected: dict, complete: bool = True) -> None:
+  """The built tree must be exactly the one the network initialises (names and shapes); with
+  complete=False, `got` may be a part of it."""
+  missing = sorted(set(expected) - set(got))[:3] if complete else []
+  extra = sorted(set(got) - set(expected))[:3]
+  shapes = [(k, got[k], expected[k]) for k in sorted(set(got) & set(expected)) if got[k] != expected[k]][:3]
+  if missing or extra or shapes:
     raise UserError(f"converted parameters do not match the model that config.json describes: missing {missing}, "
                     f"extra {extra}, shapes (name, got, expected) {shapes}; allowed: the config.json that came with "
                     "these safetensors")
@@ -185,11 +246,22 @@ def _default_config():
   return module.get_config()
 
 
+DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16}
+
+
 def write_workdir(workdir: str, model_fields: dict, objective: str, tokenizer, params, seq_len: int,
-                  data: dict | None = None, sampling: dict | None = None) -> str:
-  """A workdir holding `params` (numpy tree) as the step-0 checkpoint of a config built from
-  configs/default.py with `model_fields`, `objective`, `data` (config.data fields, e.g. an encoder's
-  framing) and `sampling` (config.sampling defaults, generation_config.py); returns the checkpoint directory."""
+                  data: dict | None = None, sampling: dict | None = None, dtype: str = "float32") -> dict:
+  """A workdir whose step-0 checkpoint holds the parameters only (no optimizer state, no EMA copy: training
+  creates those on its devices), of a config built from configs/default.py with `model_fields`,
+  `objective`, `data` (config.data fields, e.g. an encoder's framing) and `sampling` (config.sampling
+  defaults, generation_config.py).
+
+  params: a tree of numpy arrays, or (top-level name, make) parts, each made, stored in `dtype` and
+  dropped before the next: host memory holds one part (a block, or one table) at a time. The checkpoint
+  is written in a staging folder and moved into place whole. Returns {"parameters": count, "dtype": dtype}.
+  """
+  if dtype not in DTYPES:
+    raise UserError(f"--dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
   if checkpointing.read_saved_config(workdir)[0] is not None:
     raise UserError(f"--workdir={workdir!r} already holds a checkpoint; allowed: a new or empty workdir")
   config = _default_config()
@@ -206,48 +278,94 @@ def write_workdir(workdir: str, model_fields: dict, objective: str, tokenizer, p
   generation_config.apply_defaults(config, sampling or {})
   experiment.check_config(config)
   model = Transformer(experiment.model_config(config, tokenizer.vocab_size))
-  check_tree(params, model, config.data.seq_len)
-  tx, _ = experiment.make_optimizer(config)
-  params = jax.tree.map(jnp.asarray, params)
-  state = experiment.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                                opt_state=tx.init(params))
-  paths.makedirs(workdir)
-  tokenizers.save_tokenizer(tokenizer, experiment.tokenizer_dir(workdir))
+  expected = expected_shapes(model, config.data.seq_len)
+  parts = list(params.items()) if isinstance(params, dict) else params
+  parts = [(name, (lambda value=make: value) if isinstance(params, dict) else make) for name, make in parts]
   config_dict = {**experiment.config_to_dict(config), "vocab_size": tokenizer.vocab_size}
+  paths.makedirs(workdir)
+  got = {}
+  checkpointing.write_params(workdir, _stored(parts, expected, DTYPES[dtype], got), config_dict)
+  check_shapes(got, expected)  # nothing missing (each part was checked as it came)
+  checkpointing.commit_params(workdir)
+  tokenizers.save_tokenizer(tokenizer, experiment.tokenizer_dir(workdir))
   paths.write_bytes(paths.join(workdir, "config.json"), json.dumps(config_dict, indent=2).encode())
-  manager = checkpointing.make_manager(workdir)
-  try:
-    checkpointing.save(manager, 0, state, {}, config_dict, force=True)
-    manager.wait_until_finished()
-  finally:
-    manager.close()
-  return checkpointing.checkpoint_dir(workdir)
+  return {"parameters": int(sum(np.prod(shape) for shape in got.values())), "dtype": dtype}
+
+
+def _stored(parts, expected: dict, dtype, got: dict):
+  """(name, subtree) of each part as stored: checked against the network's tree, cast to `dtype`; `got`
+  collects the shapes."""
+  for name, make in parts:
+    part = {name: make()}
+    shapes = shapes_of(part)
+    check_shapes(shapes, expected, complete=False)
+    got.update(shapes)
+    yield name, jax.tree.map(lambda a: np.asarray(a).astype(dtype, copy=False), part[name])
+    del part
 
 
 # ----------------------------------------------------------------------------- writing a folder
 
 
-def write_safetensors(tensors: dict, folder: str) -> list[str]:
-  """model.safetensors, or shards of at most SHARD_BYTES with model.safetensors.index.json."""
-  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
-  shards, current, size = [], {}, 0
-  for name in sorted(tensors):
-    if current and size + tensors[name].nbytes > SHARD_BYTES:
-      shards.append(current)
-      current, size = {}, 0
-    current[name] = tensors[name]
-    size += tensors[name].nbytes
-  shards.append(current)
+def write_safetensors(tensors, folder: str) -> list[str]:
+  """model.safetensors, or shards of at most SHARD_BYTES with model.safetensors.index.json, of `tensors`
+  ((name, array) pairs, or a dict), float32, written as they come: each tensor's bytes go to the open
+  shard's data file and the array is dropped, so host memory holds one tensor (plus the part it came
+  from), never a shard. A shard's file is its header followed by that data (copied in blocks)."""
+  shards = []  # [(data file, {name: (shape, begin, end)})]
+  size = 0
+  data = None
+  scratch = tempfile.mkdtemp(prefix="diffusion_lm-export-") if paths.is_uri(folder) else folder
+  try:
+    for name, array in (tensors.items() if isinstance(tensors, dict) else tensors):
+      array = np.ascontiguousarray(np.asarray(array, np.float32))
+      if data is None or (shards[-1][1] and size + array.nbytes > SHARD_BYTES):
+        if data is not None:
+          data.close()
+        path = os.path.join(scratch, f".shard-{len(shards)}.data")
+        os.makedirs(scratch, exist_ok=True)
+        data = open(path, "wb")
+        shards.append((path, {}))
+        size = 0
+      shards[-1][1][name] = (array.shape, size, size + array.nbytes)
+      data.write(memoryview(array).cast("B"))
+      size += array.nbytes
+      del array
+    if data is not None:
+      data.close()
+    if len(shards) == 1:
+      names = ["model.safetensors"]
+    else:
+      names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, (path, entries) in zip(names, shards):
+      paths.write_with(paths.join(folder, name), lambda f, path=path, entries=entries: _write_shard(f, path, entries))
+  finally:
+    for path, _ in shards:
+      if os.path.exists(path):
+        os.remove(path)
+    if scratch != folder:
+      shutil.rmtree(scratch, ignore_errors=True)
   if len(shards) == 1:
-    paths.write_bytes(paths.join(folder, "model.safetensors"), save(shards[0], metadata={"format": "pt"}))
-    return ["model.safetensors"]
-  names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-  for name, shard in zip(names, shards):
-    paths.write_bytes(paths.join(folder, name), save(shard, metadata={"format": "pt"}))
-  index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
-           "weight_map": {t: name for name, shard in zip(names, shards) for t in shard}}
+    return names
+  index = {"metadata": {"total_size": int(sum(end - begin for _, entries in shards
+                                              for _, begin, end in entries.values()))},
+           "weight_map": {t: name for name, (_, entries) in zip(names, shards) for t in entries}}
   paths.write_bytes(paths.join(folder, "model.safetensors.index.json"), json.dumps(index, indent=2).encode())
   return names + ["model.safetensors.index.json"]
+
+
+def _write_shard(f, data_path: str, entries: dict) -> None:
+  """A safetensors file: 8-byte little-endian header length, the JSON header (padded with spaces to a
+  multiple of 8, as the safetensors package writes it), then the data."""
+  header = {"__metadata__": {"format": "pt"}}
+  header.update({name: {"dtype": "F32", "shape": list(shape), "data_offsets": [begin, end]}
+                 for name, (shape, begin, end) in entries.items()})
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)
+  f.write(len(raw).to_bytes(8, "little"))
+  f.write(raw)
+  with open(data_path, "rb") as data:
+    shutil.copyfileobj(data, f, 64 << 20)
 
 
 def write_tokenizer(tokenizer, folder: str, rows: int, chat_template: str = "") -> list[str]:

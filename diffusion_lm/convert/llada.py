@@ -35,21 +35,21 @@ def settings(folder: str, hf: dict) -> tuple[dict, str, dict]:
   return fields, "diffusion", {"eos_id": llama.eos_of(hf), "mask_id": fields["mask_token_id"]}
 
 
-def to_llama_names(tensors: dict) -> dict:
-  """LLaDA's parameter names renamed to the LLaMA layout's."""
+def to_llama_names(tensors: io.Tensors) -> io.Tensors:
+  """The tensors under the LLaMA layout's names (a view: nothing is read)."""
   renamed = {}
-  for name, value in tensors.items():
+  for name in tensors:
     if name in _TOP:
-      renamed[_TOP[name]] = value
+      renamed[_TOP[name]] = name
       continue
     parts = name.split(".")  # model.transformer.blocks.<i>.<module>.<weight|bias>
     if parts[:3] != ["model", "transformer", "blocks"] or parts[4] not in _BLOCK:
       raise UserError(f"LLaDA checkpoint tensor {name!r} is not one this importer maps; allowed: the "
                       "LLaDALlamaBlock names (q_proj, k_proj, v_proj, attn_out, attn_norm, ff_norm, ff_proj, "
                       "up_proj, ff_out)")
-    renamed[f"model.layers.{parts[3]}.{_BLOCK[parts[4]]}.{parts[5]}"] = value
-  return renamed
+    renamed[f"model.layers.{parts[3]}.{_BLOCK[parts[4]]}.{parts[5]}"] = name
+  return tensors.renamed(renamed)
 
 
-def params_from(tensors: dict, cfg: ModelConfig) -> dict:
-  return llama.params_from(to_llama_names(tensors), cfg)
+def param_parts(tensors: io.Tensors, cfg: ModelConfig) -> list:
+  return llama.param_parts(to_llama_names(tensors), cfg)

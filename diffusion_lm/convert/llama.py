@@ -2,8 +2,8 @@
 attention, tied or untied head; imported as an autoregressive model. Also the layout every other
 pre-norm model of this project exports to (Qwen2's where it has q/k/v biases, see export_config)."""
 
-import jax
-import numpy as np
+import functools
+
 
 from diffusion_lm.convert import io
 from diffusion_lm.errors import UserError
@@ -67,34 +67,38 @@ def settings(folder: str, hf: dict) -> tuple[dict, str, dict]:
   return fields, "ar", {"eos_id": eos_of(hf), "mask_id": -1}
 
 
-def params_from(tensors: dict, cfg: ModelConfig) -> dict:
-  """The Transformer parameter tree from LLaMA-layout tensors (HF Linear weights are [out, in])."""
+def param_parts(tensors, cfg: ModelConfig) -> list:
+  """(top-level name, make) parts of the Transformer parameter tree from LLaMA-layout tensors (HF Linear
+  weights are [out, in]); each part reads its tensors when made."""
   get = io.getter(tensors)
-  d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
   mask_row = cfg.vocab_size if cfg.mask_token_id < 0 else None
-  params = {"embed": {"embedding": io.pad_rows(get("model.embed_tokens.weight"), cfg.padded_vocab, mask_row)},
-            "final_norm": {"scale": get("model.norm.weight")}}
+  parts = [("embed", lambda: {"embedding": io.pad_rows(get("model.embed_tokens.weight"), cfg.padded_vocab,
+                                                       mask_row)}),
+           ("final_norm", lambda: {"scale": get("model.norm.weight")})]
   if not cfg.tie_embeddings:
-    params["head"] = {"kernel": io.pad_rows(get("lm_head.weight"), cfg.padded_vocab, None).T.copy()}
-  for i in range(cfg.num_layers):
-    p = f"model.layers.{i}."
-    block = {
-        "attn_norm": {"scale": get(p + "input_layernorm.weight")},
-        "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight")},
-        "query": get(p + "self_attn.q_proj.weight").T.reshape(d, h, hd),
-        "key": get(p + "self_attn.k_proj.weight").T.reshape(d, kv, hd),
-        "value": get(p + "self_attn.v_proj.weight").T.reshape(d, kv, hd),
-        "out": get(p + "self_attn.o_proj.weight").T.reshape(h, hd, d),
-        "wi_gate": {"kernel": get(p + "mlp.gate_proj.weight").T},
-        "wi_up": {"kernel": get(p + "mlp.up_proj.weight").T},
-        "wo": {"kernel": get(p + "mlp.down_proj.weight").T},
-    }
-    if cfg.qkv_bias:
-      block.update({"query_bias": get(p + "self_attn.q_proj.bias").reshape(h, hd),
-                    "key_bias": get(p + "self_attn.k_proj.bias").reshape(kv, hd),
-                    "value_bias": get(p + "self_attn.v_proj.bias").reshape(kv, hd)})
-    params[f"block_{i}"] = block
-  return params
+    parts.append(("head", lambda: {"kernel": io.pad_rows(get("lm_head.weight"), cfg.padded_vocab, None).T.copy()}))
+  return parts + [(f"block_{i}", functools.partial(_block, get, cfg, f"model.layers.{i}."))
+                  for i in range(cfg.num_layers)]
+
+
+def _block(get, cfg: ModelConfig, p: str) -> dict:
+  d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
+  block = {
+      "attn_norm": {"scale": get(p + "input_layernorm.weight")},
+      "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight")},
+      "query": get(p + "self_attn.q_proj.weight").T.reshape(d, h, hd),
+      "key": get(p + "self_attn.k_proj.weight").T.reshape(d, kv, hd),
+      "value": get(p + "self_attn.v_proj.weight").T.reshape(d, kv, hd),
+      "out": get(p + "self_attn.o_proj.weight").T.reshape(h, hd, d),
+      "wi_gate": {"kernel": get(p + "mlp.gate_proj.weight").T},
+      "wi_up": {"kernel": get(p + "mlp.up_proj.weight").T},
+      "wo": {"kernel": get(p + "mlp.down_proj.weight").T},
+  }
+  if cfg.qkv_bias:
+    block.update({"query_bias": get(p + "self_attn.q_proj.bias").reshape(h, hd),
+                  "key_bias": get(p + "self_attn.k_proj.bias").reshape(kv, hd),
+                  "value_bias": get(p + "self_attn.v_proj.bias").reshape(kv, hd)})
+  return block
 
 
 def writes(cfg: ModelConfig) -> bool:
@@ -104,30 +108,28 @@ def writes(cfg: ModelConfig) -> bool:
           and cfg.first_attn_norm and not cfg.local_window and not cfg.head_transform and not cfg.head_bias)
 
 
-def tensors_of(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """LLaMA-layout tensors (HF Linear [out, in]) of a Transformer parameter tree; every table row kept."""
-  p = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+def tensors_of(params, cfg: ModelConfig):
+  """(name, LLaMA-layout tensor) pairs (HF Linear [out, in]) of a Transformer parameter tree, every table
+  row kept; `params` may be any mapping of top-level parts (export reads one part at a time)."""
   d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
-  out = {"model.embed_tokens.weight": p["embed"]["embedding"], "model.norm.weight": p["final_norm"]["scale"]}
+  yield "model.embed_tokens.weight", params["embed"]["embedding"]
+  yield "model.norm.weight", params["final_norm"]["scale"]
   if not cfg.tie_embeddings:
-    out["lm_head.weight"] = p["head"]["kernel"].T
+    yield "lm_head.weight", params["head"]["kernel"].T
   for i in range(cfg.num_layers):
-    b, q = p[f"block_{i}"], f"model.layers.{i}."
-    out.update({
-        q + "input_layernorm.weight": b["attn_norm"]["scale"],
-        q + "post_attention_layernorm.weight": b["mlp_norm"]["scale"],
-        q + "self_attn.q_proj.weight": b["query"].reshape(d, h * hd).T,
-        q + "self_attn.k_proj.weight": b["key"].reshape(d, kv * hd).T,
-        q + "self_attn.v_proj.weight": b["value"].reshape(d, kv * hd).T,
-        q + "self_attn.o_proj.weight": b["out"].reshape(h * hd, d).T,
-        q + "mlp.gate_proj.weight": b["wi_gate"]["kernel"].T,
-        q + "mlp.up_proj.weight": b["wi_up"]["kernel"].T,
-        q + "mlp.down_proj.weight": b["wo"]["kernel"].T,
-    })
+    b, q = params[f"block_{i}"], f"model.layers.{i}."
+    yield q + "input_layernorm.weight", b["attn_norm"]["scale"]
+    yield q + "post_attention_layernorm.weight", b["mlp_norm"]["scale"]
+    yield q + "self_attn.q_proj.weight", b["query"].reshape(d, h * hd).T
+    yield q + "self_attn.k_proj.weight", b["key"].reshape(d, kv * hd).T
+    yield q + "self_attn.v_proj.weight", b["value"].reshape(d, kv * hd).T
+    yield q + "self_attn.o_proj.weight", b["out"].reshape(h * hd, d).T
+    yield q + "mlp.gate_proj.weight", b["wi_gate"]["kernel"].T
+    yield q + "mlp.up_proj.weight", b["wi_up"]["kernel"].T
+    yield q + "mlp.down_proj.weight", b["wo"]["kernel"].T
     if cfg.qkv_bias:
-      out.update({q + f"self_attn.{n}_proj.bias": b[f"{name}_bias"].reshape(-1)
-                  for n, name in (("q", "query"), ("k", "key"), ("v", "value"))})
-  return {name: np.ascontiguousarray(value) for name, value in out.items()}
+      for n, name in (("q", "query"), ("k", "key"), ("v", "value")):
+        yield q + f"self_attn.{n}_proj.bias", b[f"{name}_bias"].reshape(-1)
 
 
 def export_config(cfg: ModelConfig, tokenizer) -> dict:

@@ -10,7 +10,8 @@ global_attn_every_n_layers) and transformers' newer one (layer_types, rope_param
 both are read, and export writes both.
 """
 
-import jax
+import functools
+
 import numpy as np
 
 from diffusion_lm.convert import bert, io
@@ -80,33 +81,36 @@ def _norm(get, name: str, cfg: ModelConfig) -> dict:
   return out
 
 
-def params_from(tensors: dict, cfg: ModelConfig) -> dict:
-  """The Transformer parameter tree from ModernBERT tensors (HF Linear weights are [out, in])."""
+def param_parts(tensors, cfg: ModelConfig) -> list:
+  """(top-level name, make) parts of the Transformer parameter tree from ModernBERT tensors (HF Linear
+  weights are [out, in]); each part reads its tensors when made."""
   get = io.getter(tensors)
-  d, h, hd, m = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
-  params = {"embed": {"embedding": io.pad_rows(get("model.embeddings.tok_embeddings.weight"), cfg.padded_vocab,
-                                               None)},
-            "embed_norm": _norm(get, "model.embeddings.norm", cfg),
-            "final_norm": _norm(get, "model.final_norm", cfg),
-            "head_transform": {"kernel": get("head.dense.weight").T},
-            "head_norm": _norm(get, "head.norm", cfg)}
+  parts = [("embed", lambda: {"embedding": io.pad_rows(get("model.embeddings.tok_embeddings.weight"),
+                                                       cfg.padded_vocab, None)}),
+           ("embed_norm", lambda: _norm(get, "model.embeddings.norm", cfg)),
+           ("final_norm", lambda: _norm(get, "model.final_norm", cfg)),
+           ("head_transform", lambda: {"kernel": get("head.dense.weight").T}),
+           ("head_norm", lambda: _norm(get, "head.norm", cfg))]
   if cfg.head_bias:
-    params["head_bias"] = io.pad_rows(get("decoder.bias"), cfg.padded_vocab, None)
+    parts.append(("head_bias", lambda: io.pad_rows(get("decoder.bias"), cfg.padded_vocab, None)))
   if not cfg.tie_embeddings:
-    params["head"] = {"kernel": io.pad_rows(get("decoder.weight"), cfg.padded_vocab, None).T.copy()}
-  for i in range(cfg.num_layers):
-    p = f"model.layers.{i}."
-    qkv = get(p + "attn.Wqkv.weight").T.reshape(d, 3, h, hd)  # output rows are (q | k | v) x heads x head_dim
-    wi = get(p + "mlp.Wi.weight")  # rows: the activated half, then the gate
-    block = {"query": qkv[:, 0], "key": qkv[:, 1], "value": qkv[:, 2],
-             "out": get(p + "attn.Wo.weight").T.reshape(h, hd, d),
-             "mlp_norm": _norm(get, p + "mlp_norm", cfg),
-             "wi_gate": {"kernel": wi[:m].T}, "wi_up": {"kernel": wi[m:].T},
-             "wo": {"kernel": get(p + "mlp.Wo.weight").T}}
-    if i > 0:
-      block["attn_norm"] = _norm(get, p + "attn_norm", cfg)
-    params[f"block_{i}"] = block
-  return params
+    parts.append(("head", lambda: {"kernel": io.pad_rows(get("decoder.weight"), cfg.padded_vocab, None).T.copy()}))
+  return parts + [(f"block_{i}", functools.partial(_block, get, cfg, i)) for i in range(cfg.num_layers)]
+
+
+def _block(get, cfg: ModelConfig, i: int) -> dict:
+  d, h, hd, m = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+  p = f"model.layers.{i}."
+  qkv = get(p + "attn.Wqkv.weight").T.reshape(d, 3, h, hd)  # output rows are (q | k | v) x heads x head_dim
+  wi = get(p + "mlp.Wi.weight")  # rows: the activated half, then the gate
+  block = {"query": qkv[:, 0], "key": qkv[:, 1], "value": qkv[:, 2],
+           "out": get(p + "attn.Wo.weight").T.reshape(h, hd, d),
+           "mlp_norm": _norm(get, p + "mlp_norm", cfg),
+           "wi_gate": {"kernel": wi[:m].T}, "wi_up": {"kernel": wi[m:].T},
+           "wo": {"kernel": get(p + "mlp.Wo.weight").T}}
+  if i > 0:
+    block["attn_norm"] = _norm(get, p + "attn_norm", cfg)
+  return block
 
 
 def writes(cfg: ModelConfig) -> bool:
@@ -116,30 +120,33 @@ def writes(cfg: ModelConfig) -> bool:
           and cfg.kv_heads == cfg.num_heads and not cfg.time_conditioning and not cfg.causal and not cfg.block_size)
 
 
-def tensors_of(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  p = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+def tensors_of(params, cfg: ModelConfig):
+  """(name, ModernBERT tensor) pairs of a Transformer parameter tree; `params` may be any mapping of
+  top-level parts (export reads one part at a time)."""
   d = cfg.d_model
 
   def norm(name, tree):
-    return {name + ".weight": tree["scale"], **({name + ".bias": tree["bias"]} if "bias" in tree else {})}
+    return [(name + ".weight", tree["scale"])] + ([(name + ".bias", tree["bias"])] if "bias" in tree else [])
 
-  out = {"model.embeddings.tok_embeddings.weight": p["embed"]["embedding"],
-         **norm("model.embeddings.norm", p["embed_norm"]), **norm("model.final_norm", p["final_norm"]),
-         "head.dense.weight": p["head_transform"]["kernel"].T, **norm("head.norm", p["head_norm"])}
+  yield "model.embeddings.tok_embeddings.weight", params["embed"]["embedding"]
+  yield from norm("model.embeddings.norm", params["embed_norm"])
+  yield from norm("model.final_norm", params["final_norm"])
+  yield "head.dense.weight", params["head_transform"]["kernel"].T
+  yield from norm("head.norm", params["head_norm"])
   if cfg.head_bias:
-    out["decoder.bias"] = p["head_bias"]
+    yield "decoder.bias", params["head_bias"]
   if not cfg.tie_embeddings:
-    out["decoder.weight"] = p["head"]["kernel"].T
+    yield "decoder.weight", params["head"]["kernel"].T
   for i in range(cfg.num_layers):
-    b, q = p[f"block_{i}"], f"model.layers.{i}."
+    b, q = params[f"block_{i}"], f"model.layers.{i}."
     qkv = np.stack([b["query"], b["key"], b["value"]], axis=1).reshape(d, 3 * d)
-    out.update({q + "attn.Wqkv.weight": qkv.T, q + "attn.Wo.weight": b["out"].reshape(d, d).T,
-                **norm(q + "mlp_norm", b["mlp_norm"]),
-                q + "mlp.Wi.weight": np.concatenate([b["wi_gate"]["kernel"], b["wi_up"]["kernel"]], axis=1).T,
-                q + "mlp.Wo.weight": b["wo"]["kernel"].T})
+    yield q + "attn.Wqkv.weight", qkv.T
+    yield q + "attn.Wo.weight", b["out"].reshape(d, d).T
+    yield from norm(q + "mlp_norm", b["mlp_norm"])
+    yield q + "mlp.Wi.weight", np.concatenate([b["wi_gate"]["kernel"], b["wi_up"]["kernel"]], axis=1).T
+    yield q + "mlp.Wo.weight", b["wo"]["kernel"].T
     if i > 0:
-      out.update(norm(q + "attn_norm", b["attn_norm"]))
-  return {name: np.ascontiguousarray(value) for name, value in out.items()}
+      yield from norm(q + "attn_norm", b["attn_norm"])
 
 
 def export_config(cfg: ModelConfig, tokenizer) -> dict:

@@ -4,7 +4,7 @@ Exported through convert/llama.py, whose config.json says qwen2 where the model 
 from diffusion_lm.convert import llama
 
 NAME = "qwen2"
-params_from = llama.params_from
+param_parts = llama.param_parts
 
 
 def matches(hf: dict) -> bool:

@@ -21,8 +21,8 @@ def settings(folder: str, hf: dict) -> tuple[dict, str, dict]:
   return bert.encoder_settings(folder, hf, position_offset=int(hf.get("pad_token_id", 1)) + 1)
 
 
-def params_from(tensors: dict, cfg: ModelConfig) -> dict:
-  return bert.encoder_params(tensors, cfg, NAMES)
+def param_parts(tensors, cfg: ModelConfig) -> list:
+  return bert.encoder_parts(tensors, cfg, NAMES)
 
 
 def writes(cfg: ModelConfig) -> bool:
