@@ -172,9 +172,10 @@ def test_bfloat16_parameters_halve_the_parameter_bytes_the_sampler_takes(tiny_co
   net = Transformer(experiment.model_config(tiny_config, 256))
   count = sum(x.size for x in jax.tree.leaves(jax.eval_shape(
       lambda: net.init(jax.random.key(0), jnp.zeros((1, 32), jnp.int32))["params"])))
-  # data-parallel mesh: every chip holds all parameters, 4 bytes each, then 2; tokens and key unchanged
-  assert args["float32"] - args["bfloat16"] == 2 * count
-  assert args["bfloat16"] < 0.55 * args["float32"]
+  # Data-parallel mesh: every chip holds all parameters, 4 bytes each, then 2 (XLA's TPU tiles pad small arrays,
+  # so at least 2 bytes fewer per parameter); the tokens, ids and key (a few KiB per chip) are unchanged.
+  assert args["float32"] - args["bfloat16"] >= 2 * count
+  assert abs(2 * args["bfloat16"] - args["float32"]) <= 16 * 1024
 
 
 @pytest.mark.parametrize("kwargs, message", [
