@@ -1,6 +1,8 @@
 """LLaDA-8B's shapes (GSAI-ML/LLaDA-8B-Base config.json) for ahead-of-time checks and fine-tuning runs.
 
   python -m diffusion_lm.aot --config=configs/llada_8b.py --topology=v6e:2x4
+  python -m diffusion_lm.aot --config=configs/llada_8b.py --topology=v5e:2x4 --only=sample \
+      --param_dtype=bfloat16 --sample_batch=1,8 --config.mesh.fsdp=1 --config.mesh.tensor=8   # sampling only
   python -m diffusion_lm.convert --from_hf=path/to/LLaDA-8B-Base --workdir=runs/llada   # the weights
 
 A converted workdir carries these settings itself (configs/sft.py fine-tunes it); this file states them

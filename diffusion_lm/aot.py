@@ -2,16 +2,26 @@
 
   pip install -r requirements-tpu.txt     # brings libtpu (the TPU compiler) from PyPI
   python -m diffusion_lm.aot --config=configs/text8.py --topology=v5e:4x4
+  python -m diffusion_lm.aot --config=configs/llada_8b.py --topology=v5e:2x4 --only=sample \
+      --param_dtype=bfloat16 --sample_batch=1,8 --decoders=confidence,llada,llada+prefix
 
 Compiles the train step and the sampler for the named topology without a TPU, then prints per-chip
 memory against the chip's HBM, XLA's flop count and estimated step time, and from them the estimated
 tokens/s per chip and model-FLOPs utilisation. Exit code 1 when something does not fit.
+
+--only=sample compiles no train step (a model whose train state cannot fit may still sample): one sampler per
+(decoder, batch) with parameters in --param_dtype, each with its per-chip memory, and the roofline time of one
+denoiser call, max(FLOPs / peak, HBM bytes / HBM bandwidth) of XLA's cost analysis of that forward, from which
+come tokens/s for AR-equivalent decoding (one token per call) and for parallel decoding (gen_length /
+sampling.steps tokens per call). See sample_check for the lengths and what each decoder is.
 """
 
 import dataclasses
 import json
+import math
 import os
 import sys
+import types
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -130,6 +140,13 @@ def estimated_seconds(cost: dict, chip: Chip) -> tuple[float, str]:
     return optimal, "xla"
   flops, moved = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
   return max(flops / chip.peak_bf16_flops, moved / chip.hbm_bandwidth), "roofline"
+
+
+def roofline_seconds(flops: float, bytes_accessed: float, peak_flops: float, bandwidth: float) -> tuple[float, str]:
+  """(seconds, what binds) of a program that does `flops` at `peak_flops` FLOP/s and moves `bytes_accessed`
+  through HBM at `bandwidth` bytes/s, whichever takes longer: "compute" or "memory"."""
+  compute, memory = flops / peak_flops, bytes_accessed / bandwidth
+  return (compute, "compute") if compute >= memory else (memory, "memory")
 
 
 def _compile(lowered, what: str, topology: str):
@@ -252,12 +269,235 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
   return result
 
 
+# ----------------------------------------------------------------------------- sampling only
+
+# --decoders: what each row compiles (all decode the gen_length tokens after the prompt, sampling.steps steps).
+SAMPLE_DECODERS = {
+    "confidence": "this project's confidence-ordered unmasking over the whole generation (sampler confidence)",
+    "llada": "LLaDA's block decoding (sampler llada, sampling.block_length tokens a block)",
+    "llada+prefix": "LLaDA's block decoding with Fast-dLLM's prefix cache (sampler fast_dllm, approx_cache prefix, "
+                    "threshold 0: LLaDA's counts; a block's first call is a full forward that keeps the keys and "
+                    "values, its later calls run on [block .. end])",
+    "dream": "Dream's diffusion_generate (sampler dream: one block, its time grid)",
+}
+PARAM_DTYPES = ("float32", "bfloat16")
+
+
+def _ms(seconds: float) -> str:
+  return f"{seconds * 1e3:.3g}"
+
+
+def parse_batches(values) -> tuple[int, ...]:
+  """Sampler batches from a comma-separated string or a list ("1,8" -> (1, 8)); one-line errors."""
+  items = values.split(",") if isinstance(values, str) else list(values)
+  try:
+    batches = tuple(int(str(v).strip()) for v in items)
+  except ValueError:
+    batches = ()
+  if not batches or any(b < 1 for b in batches):
+    raise UserError(f"sample_batch={','.join(str(v) for v in items)!r}; allowed: integers >= 1, comma-separated, "
+                    "e.g. 1,8")
+  return batches
+
+
+def _decoder_config(config, decoder: str, steps: int):
+  """SamplerConfig of one --decoders entry at `steps` denoising steps."""
+  from diffusion_lm.generation import sampler_config  # pylint: disable=g-import-not-at-top
+  overrides = {"confidence": dict(name="confidence"), "llada": dict(name="llada", approx_cache="none"),
+               "llada+prefix": dict(name="fast_dllm", approx_cache="prefix", threshold=0.0, factor=0.0),
+               "dream": dict(name="dream", approx_cache="none")}[decoder]
+  return sampler_config(config.sampling, steps=steps, guidance=0.0, **overrides)
+
+
+def sample_check(config, topology: str, batches=(1, 8), decoders=None, param_dtype: str = "bfloat16",
+                 prompt_length: int = 256, gen_length: int = 256, vocab_size: int | None = None,
+                 log=print) -> dict:
+  """Compiles only the samplers for `topology`, one per (decoder, batch); returns the figures (also printed).
+
+  Rows decode gen_length tokens after a prompt_length-token prompt (the published decoders' generation
+  starts at the prompt's end) in config.sampling.steps steps, block decoders in blocks of
+  config.sampling.block_length. Defaults: LLaDA's paper setting of 256 generated tokens in blocks of 32 (its
+  generate.py example uses 128), after a 256-token prompt. Per row: the sampler's memory per chip (XLA's
+  memory analysis of the whole compiled sampler), the roofline time of one denoiser call (max of XLA's
+  FLOPs / the chip's published peak and XLA's bytes accessed / HBM bandwidth, per chip, for one forward at
+  the row's batch; XLA's cost model counts a loop body once, hence the separate forward), and tokens/s of the
+  whole slice: AR-equivalent = gen_length steps (one token per call), parallel = sampling.steps steps
+  (gen_length / steps tokens per call). Communication between chips is in neither figure. The cached
+  decoder's calls differ: one full forward per block (keeping keys/values) and the rest on [block .. end],
+  each compiled and costed. decoders: names of SAMPLE_DECODERS; None: dream for a shifted (Dream-layout)
+  model, else confidence, llada and llada+prefix.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  from diffusion_lm import experiment, sharding  # pylint: disable=g-import-not-at-top
+  from diffusion_lm.generation import Generator  # pylint: disable=g-import-not-at-top
+  from diffusion_lm.model import DTYPES, Transformer  # pylint: disable=g-import-not-at-top
+
+  experiment.check_config(config)
+  batches = parse_batches(batches)
+  if param_dtype not in PARAM_DTYPES:
+    raise UserError(f"param_dtype={param_dtype!r}; allowed: {', '.join(PARAM_DTYPES)}")
+  for name, value, low in (("prompt_length", prompt_length, 0), ("gen_length", gen_length, 1)):
+    if not isinstance(value, int) or value < low:
+      raise UserError(f"{name}={value!r}; allowed: an integer >= {low}")
+  chip, devices = topology_devices(topology)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  if vocab_size is None:
+    vocab_size = config.tokenizer.vocab_size if config.tokenizer.kind in ("sentencepiece", "hf") else 256
+  model = Transformer(experiment.model_config(config, vocab_size))
+  mc = model.config
+  if mc.causal or mc.block_size:
+    raise UserError(f"--only=sample for objective={config.objective!r}; allowed: a masked-diffusion model "
+                    "(objective diffusion or sft)")
+  if decoders is None:
+    decoders = ("dream",) if mc.shift_logits else ("confidence", "llada", "llada+prefix")
+  decoders = tuple(decoders.split(",")) if isinstance(decoders, str) else tuple(decoders)
+  unknown = [d for d in decoders if d not in SAMPLE_DECODERS]
+  if unknown or not decoders:
+    raise UserError(f"decoders={','.join(decoders)!r}; allowed: a comma-separated list of "
+                    f"{', '.join(SAMPLE_DECODERS)}")
+  length = prompt_length + gen_length
+  if length > mc.max_len:
+    raise UserError(f"prompt_length + gen_length = {length} exceeds model.max_len={mc.max_len}")
+  steps, block = config.sampling.steps, config.sampling.block_length
+  if any(d.startswith("llada") for d in decoders) and (block < 1 or gen_length % block or steps % (
+      gen_length // block)):
+    raise UserError(f"gen_length={gen_length} with sampling.block_length={block} and steps={steps}; allowed: a "
+                    "block length that divides gen_length and steps a multiple of the number of blocks")
+  if not 1 <= steps <= gen_length:
+    raise UserError(f"sampling.steps={steps}; allowed: 1 to gen_length={gen_length}")
+  mask_id = mc.mask_token_id if mc.mask_token_id >= 0 else vocab_size
+  peak = chip.peak_flops(mc.dtype, jax.config.jax_default_matmul_precision)
+  peak_source = chip.peak_source(mc.dtype)
+  if peak is None:
+    peak, peak_source = chip.peak_bf16_flops, chip.peak_source("bfloat16") + " (an upper bound for this precision)"
+
+  boxed = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, length), jnp.int32))["params"], jax.random.key(0))
+  param_shardings = sharding.logical_shardings(boxed, mesh)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, DTYPES[param_dtype], sharding=s),
+                        nn.unbox(boxed), param_shardings)
+  param_bytes_per_chip = sum(
+      math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+      for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(param_shardings)))
+  batch_spec = sharding.batch_sharding(mesh)
+  replicated = NamedSharding(mesh, P())
+  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
+  tokenizer = types.SimpleNamespace(mask_id=mask_id, eos_id=0)
+  schedule = experiment.schedule_from_config(config)
+
+  def cost_of(compiled) -> dict:
+    cost = _cost(compiled)
+    flops, moved = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    seconds, bound = roofline_seconds(flops, moved, peak, chip.hbm_bandwidth)
+    return {"flops": flops, "bytes": moved, "s": seconds, "bound": bound}
+
+  def apply(p, x, **kw):
+    return model.apply({"params": p, **kw.pop("variables", {})}, x, None, keep_mask_logit=True, **kw)
+
+  rows = []
+  log(f"{topology} ({len(devices)} chips, mesh {dict(mesh.shape)}): {mc.num_layers}x{mc.d_model}, "
+      f"{sum(x.size for x in jax.tree.leaves(params)) / 1e9:.2f}B parameters in {param_dtype} "
+      f"({param_bytes_per_chip / 2**30:.2f} GiB per chip), compute {mc.dtype}; sampling only, no train step")
+  log(f"  prompt {prompt_length} + gen {gen_length} tokens, block_length {block}; AR-equivalent: {gen_length} "
+      f"steps (1 token per call), parallel: {steps} steps ({gen_length / steps:g} tokens per call); "
+      f"roofline = max(XLA FLOPs / {peak / 1e12:.0f} TFLOP/s ({peak_source}), XLA bytes / "
+      f"{chip.hbm_bandwidth / 1e9:.0f} GB/s HBM) per chip, one denoiser call; chip-to-chip traffic not counted")
+  # XLA's bytes count every op's operands and results, on-chip copies of the weights included, so they can
+  # overstate HBM traffic; no call can beat reading each chip's weights once.
+  floor = param_bytes_per_chip / chip.hbm_bandwidth
+  log(f"  (floor: a call reads each chip's {param_bytes_per_chip / 2**30:.2f} GiB of weights at least once, "
+      f"{_ms(floor)} ms; XLA's bytes also count on-chip copies, so the memory-bound figures can be above HBM time)")
+  header = (f"  {'decoder':<13} {'batch':>5} {'GiB/chip':>9} {'ms per call (bound)':<40} {'AR-eq tok/s':>12} "
+            f"{'parallel tok/s':>15}")
+  log(header)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    for batch in batches:
+      rows_computed = sharding.padded_batch_size(batch, mesh)
+      tokens = jax.ShapeDtypeStruct((rows_computed, length), jnp.int32, sharding=batch_spec)
+      ids = jax.ShapeDtypeStruct((rows_computed,), jnp.int32, sharding=batch_spec)
+      full, calls = None, {}
+      for decoder in decoders:
+        cfg = _decoder_config(config, decoder, steps)
+        generator = Generator(model, schedule, tokenizer, mesh, param_shardings, cfg)
+        with generator._context():  # pylint: disable=protected-access
+          sampler = _compile(generator._run.lower(params, key, tokens, ids, prompt_length),  # pylint: disable=protected-access
+                             f"the {decoder} sampler at batch {batch}", topology)
+        memory = sampler.memory_analysis()
+        row = {"decoder": decoder, "sampler": cfg.name, "batch": batch, "rows_computed": rows_computed,
+               "memory_gib_per_chip": _memory_bytes(sampler) / 2**30,
+               "argument_bytes_per_chip": float(memory.argument_size_in_bytes)}
+        if decoder != "llada+prefix":
+          if full is None:
+            full = cost_of(_compile(jax.jit(apply, in_shardings=(param_shardings, batch_spec)).lower(params, tokens),
+                                    "the denoiser forward", topology))
+          row["call"] = full
+          seconds = {"ar": gen_length * full["s"], "parallel": steps * full["s"]}
+          described = f"{_ms(full['s'])} ({full['bound']})"
+        else:
+          store = jax.jit(lambda p, x: apply(p, x, approx_cache="store", mutable=["approx_cache"]),
+                          in_shardings=(param_shardings, batch_spec))
+          store_compiled = _compile(store.lower(params, tokens), "the cache-keeping forward", topology)
+          cache = jax.eval_shape(lambda p, x: apply(p, x, approx_cache="store", mutable=["approx_cache"]),
+                                 params, tokens)[1]["approx_cache"]
+          cache_shardings = store_compiled.output_shardings[1]["approx_cache"]
+          cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache, cache_shardings)
+          reuse_costs = []
+          for b in range(gen_length // block):
+            start = prompt_length + b * block
+            chunk = length - start
+            if chunk not in calls:
+              reuse = jax.jit(lambda p, c, x, start=start, chunk=chunk: apply(
+                  p, x, variables={"approx_cache": c}, positions_L=start + jnp.arange(chunk), approx_cache="reuse"))
+              chunk_tokens = jax.ShapeDtypeStruct((rows_computed, chunk), jnp.int32, sharding=batch_spec)
+              calls[chunk] = cost_of(_compile(reuse.lower(params, cache, chunk_tokens),
+                                              f"the cached forward on {chunk} positions", topology))
+            reuse_costs.append(calls[chunk])
+          first = cost_of(store_compiled)
+          row.update(call=first, cached_calls=reuse_costs)
+          blocks = len(reuse_costs)
+
+          def decode_seconds(steps_per_block):
+            return sum(first["s"] + (steps_per_block - 1) * c["s"] for c in reuse_costs)
+
+          seconds = {"ar": decode_seconds(block), "parallel": decode_seconds(steps // blocks)}
+          cached = [c["s"] for c in reuse_costs]
+          bounds = "/".join(sorted({first["bound"]} | {c["bound"] for c in reuse_costs}))
+          described = f"{_ms(first['s'])} full, {_ms(max(cached))}..{_ms(min(cached))} cached ({bounds})"
+        row.update(ar_seconds=seconds["ar"], parallel_seconds=seconds["parallel"],
+                   ar_tokens_per_s=batch * gen_length / seconds["ar"],
+                   parallel_tokens_per_s=batch * gen_length / seconds["parallel"],
+                   fits=row["memory_gib_per_chip"] <= chip.hbm_bytes / 2**30)
+        rows.append(row)
+        padded = f" ({rows_computed} rows)" if rows_computed != batch else ""
+        log(f"  {decoder:<13} {batch:>5} {row['memory_gib_per_chip']:>6.2f}/{chip.hbm_bytes / 2**30:.0f} "
+            f"{described:<40} {row['ar_tokens_per_s']:>12,.0f} {row['parallel_tokens_per_s']:>15,.0f}{padded}")
+  fits = all(r["fits"] for r in rows)
+  if any(r["rows_computed"] != r["batch"] for r in rows):
+    log(f"  (rows): the batch is padded to a multiple of the data-parallel size {sharding.data_parallel_size(mesh)}"
+        " and the padding rows are computed too; tokens/s counts the batch's own rows")
+  log(f"  fits: {'yes' if fits else 'NO'}")
+  return {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), "param_dtype": param_dtype,
+          "param_bytes_per_chip": param_bytes_per_chip, "prompt_length": prompt_length, "gen_length": gen_length,
+          "block_length": block, "steps": steps, "peak_flops_per_chip": peak, "peak_source": peak_source,
+          "hbm_bandwidth": chip.hbm_bandwidth, "weights_floor_s": floor, "hbm_gib": chip.hbm_bytes / 2**30, "rows": rows, "fits": fits}
+
+
 def define_flags():
   """Defines this command's flags (only when run as a command, so the module imports cleanly)."""
   config_flags.DEFINE_config_file("config", None, "Training configuration file.")
   flags.DEFINE_string("topology", None, "TPU slice, e.g. v4:2x2x1, v5e:4x4, v5p:2x2x2, v6e:8x8.")
   flags.DEFINE_integer("vocab_size", None, "Vocabulary size (default: tokenizer.vocab_size; char level: 256).")
-  flags.DEFINE_integer("sample_batch", 0, "Sampler batch (default: the training batch).")
+  flags.DEFINE_list("sample_batch", [], "Sampler batches, e.g. 1,8 (--only=sample; default 1,8), or one batch "
+                    "(default: the training batch).")
+  flags.DEFINE_string("only", "", "sample: compile only the samplers (no train step), one per decoder and batch.")
+  flags.DEFINE_string("param_dtype", "", "--only=sample: parameter dtype, float32 | bfloat16 (default bfloat16).")
+  flags.DEFINE_list("decoders", [], f"--only=sample: any of {', '.join(SAMPLE_DECODERS)} (default: dream for a "
+                    "Dream-layout model, else confidence,llada,llada+prefix).")
+  flags.DEFINE_integer("prompt_length", 256, "--only=sample: prompt tokens before the generation.")
+  flags.DEFINE_integer("gen_length", 256, "--only=sample: tokens to generate.")
   flags.DEFINE_bool("json", False, "Print the results as one JSON line too.")
   flags.DEFINE_bool("verbose", False, "Show tracebacks for input errors.")
 
@@ -268,8 +508,19 @@ def main(argv):
     raise UserError(f"unexpected arguments {argv[1:]}; allowed: flags only")
   if FLAGS.config is None or not FLAGS.topology:
     raise UserError("--config=FILE and --topology=CHIP:SHAPE (e.g. v5e:4x4) are required")
-  result = check(FLAGS.config, FLAGS.topology, FLAGS.vocab_size, FLAGS.sample_batch,
-                 log=lambda m: print(m, flush=True))
+  log = lambda m: print(m, flush=True)
+  if FLAGS.only not in ("", "sample"):
+    raise UserError(f"--only={FLAGS.only!r}; allowed: sample (or leave it out: train step and sampler)")
+  if FLAGS.only == "sample":
+    result = sample_check(FLAGS.config, FLAGS.topology, parse_batches(FLAGS.sample_batch or ["1", "8"]),
+                          FLAGS.decoders or None, FLAGS.param_dtype or "bfloat16", FLAGS.prompt_length,
+                          FLAGS.gen_length, FLAGS.vocab_size, log=log)
+  else:
+    batches = parse_batches(FLAGS.sample_batch) if FLAGS.sample_batch else (0,)
+    if len(batches) > 1 or FLAGS.param_dtype not in ("", "float32") or FLAGS.decoders:
+      raise UserError("several --sample_batch values, --param_dtype or --decoders without --only=sample; allowed: "
+                      "--only=sample (the train step keeps float32 parameters and compiles one sampler)")
+    result = check(FLAGS.config, FLAGS.topology, FLAGS.vocab_size, batches[0], log=log)
   if FLAGS.json:
     print(json.dumps(result), flush=True)
   sys.exit(0 if result["fits"] else 1)

@@ -84,3 +84,118 @@ def test_a_model_too_large_for_the_slice_is_one_line(tiny_config):
   tiny_config.model.update(d_model=8192, mlp_dim=32768, num_heads=64, num_layers=2)
   with pytest.raises(UserError, match=r"the train step does not fit on v5e:2x2: .*RESOURCE_EXHAUSTED.*; allowed: "):
     aot.check(tiny_config, "v5e:2x2", log=lambda m: None)
+
+
+# ----------------------------------------------------------------------------- --only=sample
+
+V5E_PEAK, V5E_HBM_BANDWIDTH = 197e12, 0.82e12  # Google Cloud TPU v5e docs: FLOP/s and bytes/s per chip
+
+
+@pytest.fixture(scope="module")
+def sample_only():
+  """A tiny model's samplers on v5e:2x2 (prompt 8 + 24 generated in 3 blocks of 8, 6 steps), any train step
+  compile failing the test."""
+  from configs import tiny
+  from diffusion_lm import aot, experiment
+  config = tiny.get_config()
+  config.sampling.update(block_length=8, steps=6)
+
+  def no_train_step(*args, **kwargs):
+    raise AssertionError("--only=sample built a train step")
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(experiment, "jit_train_step", no_train_step)
+    result = aot.sample_check(config, "v5e:2x2", batches=(1, 8), decoders=("llada", "llada+prefix"),
+                              prompt_length=8, gen_length=24, log=lambda m: None)
+  return config, result
+
+
+def test_sample_only_compiles_the_samplers_and_no_train_step(sample_only):
+  _, result = sample_only
+  assert [(r["decoder"], r["batch"]) for r in result["rows"]] == [
+      ("llada", 1), ("llada+prefix", 1), ("llada", 8), ("llada+prefix", 8)]
+  assert result["fits"] and result["param_dtype"] == "bfloat16" and "train_memory_gib_per_chip" not in result
+  # batch 1 on a data axis of 4 computes 4 rows; tokens/s counts the one asked for
+  assert [r["rows_computed"] for r in result["rows"]] == [4, 4, 8, 8]
+  assert all(0 < r["memory_gib_per_chip"] < 1 for r in result["rows"])
+
+
+def test_sample_only_roofline_is_the_slower_of_flops_and_bytes(sample_only):
+  import jax
+  import jax.numpy as jnp
+  from diffusion_lm import aot, experiment
+  config, result = sample_only
+  llada8 = result["rows"][2]
+  # The forward compiled here, apart from aot: one call of the tiny denoiser on 8 rows of 32 tokens.
+  _, devices = aot.topology_devices("v5e:2x2")
+  model = experiment.model_config(config, 256)
+  from diffusion_lm.model import Transformer
+  net = Transformer(model)
+  params = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 32), jnp.int32))["params"])
+  from flax import linen as nn
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), nn.unbox(params))
+  mesh = jax.make_mesh((4,), ("data",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  forward = jax.jit(lambda p, x: net.apply({"params": p}, x, None, keep_mask_logit=True),
+                    in_shardings=(jax.tree.map(lambda _: replicated, params), rows))
+  cost = forward.lower(params, jax.ShapeDtypeStruct((8, 32), jnp.int32)).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  flops, moved = cost["flops"], cost["bytes accessed"]
+  assert llada8["call"]["flops"] == pytest.approx(flops) and llada8["call"]["bytes"] == pytest.approx(moved)
+  seconds = max(flops / V5E_PEAK, moved / V5E_HBM_BANDWIDTH)
+  assert llada8["call"]["s"] == pytest.approx(seconds, rel=1e-9)
+  assert llada8["call"]["bound"] == ("compute" if flops / V5E_PEAK > moved / V5E_HBM_BANDWIDTH else "memory")
+  # AR-equivalent: 24 calls for 24 tokens of each of 8 rows; parallel: 6 calls
+  assert llada8["ar_tokens_per_s"] == pytest.approx(8 / seconds, rel=1e-9)
+  assert llada8["parallel_tokens_per_s"] == pytest.approx(8 * 24 / (6 * seconds), rel=1e-9)
+  # The prefix cache: per block one full forward, then cached calls on [block .. end] (24, 16, 8 positions).
+  prefix8 = result["rows"][3]
+  cached = [c["s"] for c in prefix8["cached_calls"]]
+  assert len(cached) == 3 and cached[0] >= cached[-1]
+  ar = sum(prefix8["call"]["s"] + 7 * c for c in cached)  # 8 steps a block
+  parallel = sum(prefix8["call"]["s"] + 1 * c for c in cached)  # 6 steps / 3 blocks = 2 a block
+  assert prefix8["ar_tokens_per_s"] == pytest.approx(8 * 24 / ar, rel=1e-9)
+  assert prefix8["parallel_tokens_per_s"] == pytest.approx(8 * 24 / parallel, rel=1e-9)
+
+
+def test_bfloat16_parameters_halve_the_parameter_bytes_the_sampler_takes(tiny_config):
+  import jax
+  import jax.numpy as jnp
+  from diffusion_lm import aot, experiment
+  from diffusion_lm.model import Transformer
+  args = {}
+  for dtype in ("float32", "bfloat16"):
+    result = aot.sample_check(tiny_config, "v5e:2x2", batches=(8,), decoders=("confidence",), param_dtype=dtype,
+                              prompt_length=0, gen_length=32, log=lambda m: None)
+    args[dtype] = result["rows"][0]["argument_bytes_per_chip"]
+  net = Transformer(experiment.model_config(tiny_config, 256))
+  count = sum(x.size for x in jax.tree.leaves(jax.eval_shape(
+      lambda: net.init(jax.random.key(0), jnp.zeros((1, 32), jnp.int32))["params"])))
+  # Data-parallel mesh: every chip holds all parameters, 4 bytes each, then 2 (XLA's TPU tiles pad small arrays,
+  # so at least 2 bytes fewer per parameter); the tokens, ids and key (a few KiB per chip) are unchanged.
+  assert args["float32"] - args["bfloat16"] >= 2 * count
+  assert abs(2 * args["bfloat16"] - args["float32"]) <= 16 * 1024
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batches=(0,)), r"sample_batch='0'; allowed: integers >= 1"),
+    (dict(batches="1,x"), r"sample_batch='1,x'; allowed: integers >= 1"),
+    (dict(decoders=("beam",)), r"decoders='beam'; allowed: a comma-separated list of confidence, llada"),
+    (dict(param_dtype="float16"), r"param_dtype='float16'; allowed: float32, bfloat16"),
+    (dict(prompt_length=16, gen_length=24), r"prompt_length \+ gen_length = 40 exceeds model.max_len=32"),
+])
+def test_sample_only_bad_values_are_one_line(tiny_config, kwargs, message):
+  from diffusion_lm import aot
+  values = dict(prompt_length=0, gen_length=32) | kwargs
+  with pytest.raises(UserError, match=message) as error:
+    aot.sample_check(tiny_config, "v5e:2x2", log=lambda m: None, **values)
+  assert "\n" not in str(error.value)
+
+
+def test_sample_only_cli_refuses_a_zero_batch_in_one_line():
+  out = subprocess.run([sys.executable, "-m", "diffusion_lm.aot", "--config=configs/tiny.py", "--topology=v5e:2x2",
+                        "--only=sample", "--sample_batch=1,0"], cwd=ROOT,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "sample_batch='1,0'; allowed: integers >= 1" in out.stderr and "Traceback" not in out.stderr
