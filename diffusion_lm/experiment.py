@@ -91,9 +91,7 @@ def check_config(config) -> None:
   # The model's settings now, before any data is prepared or tokenizer trained (the vocabulary is not known
   # yet: a placeholder size that any mask_token_id below it passes; the real one is checked when built).
   model_config(config, max(2, int(config.model.get("mask_token_id", -1)) + 1))
-  if lora.from_config(config).rank and not config.get("init_from", ""):
-    raise UserError(f"training.lora.rank={lora.from_config(config).rank} without init_from; allowed: "
-                    "--config.init_from=WORKDIR (LoRA adapts a trained or converted model, e.g. configs/sft.py:WORKDIR)")
+  lora.from_config(config)  # the LoRA settings, each with its one-line error
 
 
 def ignores_bos(config) -> bool:
@@ -162,6 +160,9 @@ def _train_tokenizer(config, workdir: str):
     tokenizer = tokenizers.load_tokenizer(tokenizer_dir(config.init_from))
     if tokenizer is None:
       raise UserError(f"init_from={config.init_from!r} holds no tokenizer; allowed: a trained or converted workdir")
+    template = chat.load_template(tokenizer_dir(config.init_from))  # its chat template goes with it
+    if template:
+      chat.save_template(tokenizer_dir(workdir), template)
   elif config.tokenizer.kind == "hf":  # a fixed vocabulary read from its file: no text needed
     tokenizer = tokenizers.train_tokenizer(config.tokenizer, [])
   elif config.data.source == "jsonl":  # prompt/response pairs: the vocabulary of their text

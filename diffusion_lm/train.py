@@ -110,6 +110,10 @@ def _train(config, workdir: str, stop_after, writer_lease) -> dict:
          + (f" (damaged: step {', '.join(str(d.step) for d in damaged)}, moved to "
             f"{paths.join(workdir, 'damaged_checkpoints')})" if damaged else ""))
   else:
+    if isinstance(abstract_state, experiment.LoraTrainState) and not config.get("init_from"):
+      raise UserError(f"training.lora.rank={config.training.lora.rank} without init_from; allowed: "
+                      "--config.init_from=WORKDIR (LoRA adapts a trained or converted model, e.g. "
+                      "--config=configs/sft.py:WORKDIR)")
     state = experiment.init_state(model, tx, mesh, jax.random.key(config.seed), config.data.seq_len,
                                   shardings, base_dtype)
     if config.get("init_from"):
