@@ -211,13 +211,15 @@ def test_lora_tune_an_imported_llada_chat_export_merged_and_import_back(instruct
   _, state, _, _ = checkpointing.restore_latest(tuned_dir, abstract)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state.base, source.params)
 
-  messages = [{"role": "user", "content": "the quick"}]
+  messages = [{"role": "user", "content": "hi"}]
   template = chat.load_template(tuned_dir)
   assert template == TEMPLATE
-  answer, gen = chat.reply(tuned, template, messages, max_new_tokens=8, steps=8, block_length=8)
-  prompt = tuned.tokenizer.encode(f"[user]the quick{tuned.tokenizer.eos_token}[assistant]")
+  answer, gen = chat.reply(tuned, template, messages, max_new_tokens=4, steps=4, block_length=4)
+  prompt = tuned.tokenizer.encode(f"[user]hi{tuned.tokenizer.eos_token}[assistant]")
   np.testing.assert_array_equal(gen.template[0][:len(prompt)], prompt)
-  assert isinstance(answer, str)
+  assert gen.template.shape[1] == len(prompt) + 4
+  assert answer == tuned.tokenizer.decode(chat.answer_ids(gen.output.tokens[0][len(prompt):], tuned.tokenizer),
+                                          show_mask=False)
 
   folder = str(tmp_path / "tuned_hf")
   convert.export_hf(tuned_dir, folder)
