@@ -10,6 +10,7 @@ takes them out of a parameter tree and `combine` puts them back, so training dif
 alone, and `merge` folds them into the kernels (W + scale A B) for sampling, evaluation and export.
 """
 
+from collections.abc import Mapping
 import dataclasses
 
 import flax.linen as nn
@@ -108,7 +109,7 @@ def split(params) -> tuple[dict, dict]:
   for name, value in params.items():
     if is_adapter(name):
       adapters[name] = value
-    elif isinstance(value, dict) or hasattr(value, "items") and not hasattr(value, "shape"):
+    elif isinstance(value, Mapping):
       b, a = split(value)
       base[name] = b
       if a:
@@ -137,7 +138,7 @@ def merge(params, scale: float, dtype=jnp.float32) -> dict:
 def _merge_into(base, adapters, scale, dtype):
   out = {}
   for name, value in base.items():
-    if isinstance(value, dict) or hasattr(value, "items") and not hasattr(value, "shape"):
+    if isinstance(value, Mapping):
       out[name] = _merge_into(value, adapters.get(name, {}), scale, dtype)
     else:
       out[name] = jnp.asarray(value, dtype)
@@ -147,7 +148,7 @@ def _merge_into(base, adapters, scale, dtype):
     target = name[len(PREFIX):]
     delta = scale * jnp.tensordot(jnp.asarray(adapter["a"], jnp.float32), jnp.asarray(adapter["b"], jnp.float32),
                                   axes=1)
-    if isinstance(out.get(target), dict):
+    if isinstance(out.get(target), Mapping):
       kernel = base[target]["kernel"]
       out[target] = {**out[target], "kernel": (jnp.asarray(kernel, jnp.float32) + delta).astype(dtype)}
     else:

@@ -436,15 +436,20 @@ class Block(nn.Module):
     cfg = self.config
     if not cfg.lora_rank:
       return {}
-    d, heads, kv, dh, m = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_dim
-    token, head = ((d,), ("embed",)), ((heads, dh), ("heads", "kv"))
-    shapes = {"query": (token, head), "key": (token, ((kv, dh), ("heads", "kv"))),
-              "value": (token, ((kv, dh), ("heads", "kv"))), "out": (head, token),
-              "wi_gate": (token, ((m,), ("mlp",))), "wi_up": (token, ((m,), ("mlp",))), "wi": (token, ((m,), ("mlp",))),
-              "wo": (((m,), ("mlp",)), token)}
+    # (shape, logical axis names) of each projection's input and output, as its kernel has them
+    embed = ((cfg.d_model,), ("embed",))
+    heads = ((cfg.num_heads, cfg.head_dim), ("heads", "kv"))
+    kv_heads = ((cfg.kv_heads, cfg.head_dim), ("heads", "kv"))
+    hidden = ((cfg.mlp_dim,), ("mlp",))
+    sides = {"query": (embed, heads), "key": (embed, kv_heads), "value": (embed, kv_heads), "out": (heads, embed),
+             "wi_gate": (embed, hidden), "wi_up": (embed, hidden), "wi": (embed, hidden), "wo": (hidden, embed)}
     scale = cfg.lora_alpha / cfg.lora_rank
-    return {t: lora.Adapter(shapes[t][0][0], shapes[t][1][0], shapes[t][0][1], shapes[t][1][1], cfg.lora_rank, scale,
-                            dtype, name=lora.PREFIX + t) for t in cfg.lora_targets}
+    adapters = {}
+    for target in cfg.lora_targets:
+      (in_shape, in_names), (out_shape, out_names) = sides[target]
+      adapters[target] = lora.Adapter(in_shape, out_shape, in_names, out_names, cfg.lora_rank, scale, dtype,
+                                      name=lora.PREFIX + target)
+    return adapters
 
   def _adapted_biases(self, adapters: dict, h_q, h_kv, b_qkv, dtype):
     """[b_q, b_k, b_v] with the query/key/value adapters' low-rank terms added, so that every attention path
