@@ -68,6 +68,10 @@ def _train(config, workdir: str, stop_after, writer_lease) -> dict:
   saved_step, saved_config = checkpointing.read_saved_config(workdir)
   if saved_step is not None and saved_step > config.training.num_steps:  # before any data is prepared
     _check_reached(saved_step, config.training.num_steps, workdir)
+  if saved_step is None and experiment.lora.from_config(config).rank and not config.get("init_from"):
+    raise UserError(f"training.lora.rank={config.training.lora.rank} without init_from; allowed: "
+                    "--config.init_from=WORKDIR (LoRA adapts a trained or converted model, e.g. "
+                    "--config=configs/sft.py:WORKDIR)")
 
   # ------------------------------------------------------------------ mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -110,10 +114,6 @@ def _train(config, workdir: str, stop_after, writer_lease) -> dict:
          + (f" (damaged: step {', '.join(str(d.step) for d in damaged)}, moved to "
             f"{paths.join(workdir, 'damaged_checkpoints')})" if damaged else ""))
   else:
-    if isinstance(abstract_state, experiment.LoraTrainState) and not config.get("init_from"):
-      raise UserError(f"training.lora.rank={config.training.lora.rank} without init_from; allowed: "
-                      "--config.init_from=WORKDIR (LoRA adapts a trained or converted model, e.g. "
-                      "--config=configs/sft.py:WORKDIR)")
     state = experiment.init_state(model, tx, mesh, jax.random.key(config.seed), config.data.seq_len,
                                   shardings, base_dtype)
     if config.get("init_from"):
