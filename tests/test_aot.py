@@ -84,3 +84,14 @@ def test_a_model_too_large_for_the_slice_is_one_line(tiny_config):
   tiny_config.model.update(d_model=8192, mlp_dim=32768, num_heads=64, num_layers=2)
   with pytest.raises(UserError, match=r"the train step does not fit on v5e:2x2: .*RESOURCE_EXHAUSTED.*; allowed: "):
     aot.check(tiny_config, "v5e:2x2", log=lambda m: None)
+
+
+def test_lora_sft_compiles_with_a_bfloat16_base(tiny_config):
+  """LoRA (training.lora): the step trains the adapters alone; the frozen base is counted once, in bfloat16."""
+  from diffusion_lm import aot
+  tiny_config.objective, tiny_config.data.source = "sft", "jsonl"
+  tiny_config.training.lora.update(rank=2, base_dtype="bfloat16")
+  result = aot.check(tiny_config, "v5e:2x2", log=lambda m: None)
+  # 2 blocks x (query, key, value, out, wi_gate, wi_up, wo), a and b of rank 2 each (d 32, MLP 64)
+  assert result["trained_params"] == 2 * 2 * (4 * (32 + 32) + 2 * (32 + 64) + (64 + 32))
+  assert result["params"] > result["trained_params"] and result["fits"]
