@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from diffusion_lm import autoregressive, chat, checkpointing, data, diffusion, lora, objectives, paths, sharding, tokenizers
+from diffusion_lm import (autoregressive, chat, checkpointing, data, diffusion, lora, objectives, paths, sharding,
+                          tokenizers)
 from diffusion_lm.errors import UserError, check_seed
 from diffusion_lm.model import RUNTIME_FIELDS, ModelConfig, Transformer
 from diffusion_lm.schedules import Schedule
@@ -160,9 +161,6 @@ def _train_tokenizer(config, workdir: str):
     tokenizer = tokenizers.load_tokenizer(tokenizer_dir(config.init_from))
     if tokenizer is None:
       raise UserError(f"init_from={config.init_from!r} holds no tokenizer; allowed: a trained or converted workdir")
-    template = chat.load_template(tokenizer_dir(config.init_from))  # its chat template goes with it
-    if template:
-      chat.save_template(tokenizer_dir(workdir), template)
   elif config.tokenizer.kind == "hf":  # a fixed vocabulary read from its file: no text needed
     tokenizer = tokenizers.train_tokenizer(config.tokenizer, [])
   elif config.data.source == "jsonl":  # prompt/response pairs: the vocabulary of their text
