@@ -119,6 +119,15 @@ def get_config(arg=None):
   # jax.profiler traces of these steps (1 = the first step), one trace per run of consecutive steps, into
   # WORKDIR/profile (TensorBoard's profile tab, ui.perfetto.dev); e.g. --config.training.profile_steps="(10,11,12)"
   tr.profile_steps = ()
+  # LoRA fine-tuning (diffusion_lm/lora.py) of config.init_from: the base frozen, low-rank adapters beside the
+  # named projections trained (they alone get an optimizer state and an EMA); sample/evaluate/convert see the merged
+  # weights. e.g. --config=configs/sft.py:WORKDIR --config.training.lora.rank=16
+  tr.lora = lora = ml_collections.ConfigDict()
+  lora.rank = 0  # adapter rank r; 0 = off (every parameter trains)
+  lora.alpha = 16.0  # the adapters' output is scaled by alpha / rank (as the LoRA paper and peft)
+  # comma-separated projections: query, key, value, out (attention); wi_gate, wi_up, wo (gated MLP) or wi, wo (GELU)
+  lora.targets = "query,key,value,out,wi_gate,wi_up,wo"
+  lora.base_dtype = "float32"  # storage of the frozen base weights: float32 | bfloat16 (half the memory)
   tr.wandb_project = ""  # also log the scalars to this Weights & Biases project (needs pip install wandb); "" off
 
   config.evaluation = ev = ml_collections.ConfigDict()

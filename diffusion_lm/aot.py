@@ -186,7 +186,10 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
     vocab_size = config.tokenizer.vocab_size if config.tokenizer.kind in ("sentencepiece", "hf") else 256
   model = Transformer(experiment.model_config(config, vocab_size))
   tx, _ = experiment.make_optimizer(config)
-  abstract_state, shardings = experiment.state_shardings(model, tx, mesh, seq_len)
+  abstract_state, shardings = experiment.state_shardings(model, tx, mesh, seq_len,
+                                                         experiment.lora.from_config(config).base_dtype)
+  # The tree the network applies: the params, or with LoRA the frozen base with the adapters.
+  applied, applied_shardings = experiment.model_params(abstract_state), experiment.model_param_shardings(shardings)
   replicated = NamedSharding(mesh, P())
   key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=sharding.batch_sharding(mesh))
@@ -207,14 +210,14 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
     sample_tokens = jax.ShapeDtypeStruct((sample_batch, seq_len), jnp.int32, sharding=sharding.batch_sharding(mesh))
     ids = jax.ShapeDtypeStruct((sample_batch,), jnp.int32, sharding=sharding.batch_sharding(mesh))
     forward = None
-    sample = jax.jit(run, in_shardings=(shardings.params, replicated, sharding.batch_sharding(mesh),
+    sample = jax.jit(run, in_shardings=(applied_shardings, replicated, sharding.batch_sharding(mesh),
                                         sharding.batch_sharding(mesh)))
-    sampler = _compile(sample.lower(abstract_state.params, key, sample_tokens, ids), "the sampler", topology)
+    sampler = _compile(sample.lower(applied, key, sample_tokens, ids), "the sampler", topology)
     if objective.name == "diffusion":
       # XLA's cost model counts a loop body once: the sampler's time is estimated as T forwards.
       t_B = jax.ShapeDtypeStruct((sample_batch,), jnp.float32, sharding=sharding.batch_sharding(mesh))
       forward = _compile(jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(
-          abstract_state.params, sample_tokens, t_B), "the denoiser forward", topology)
+          applied, sample_tokens, t_B), "the denoiser forward", topology)
 
   cost = _cost(train)
   seconds, method = estimated_seconds(cost, chip)
@@ -229,7 +232,8 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
   result = {
       "config_model": f"{model.config.num_layers}x{model.config.d_model}", "topology": topology, "chips": chips,
       "mesh": dict(mesh.shape), "batch": batch, "seq_len": seq_len,
-      "params": int(sum(x.size for x in jax.tree.leaves(abstract_state.params))),
+      "params": int(sum(x.size for x in jax.tree.leaves(applied))),
+      "trained_params": int(sum(x.size for x in jax.tree.leaves(abstract_state.params))),
       "train_memory_gib_per_chip": _memory_bytes(train) / 2**30, "hbm_gib": chip.hbm_bytes / 2**30,
       "xla_flops_per_chip_step": float(cost.get("flops", 0.0)),
       "xla_bytes_per_chip_step": float(cost.get("bytes accessed", 0.0)), "xla_estimated_step_s": seconds,
@@ -247,7 +251,13 @@ def check(config, topology: str, vocab_size: int | None = None, sample_batch: in
                    "forward_xla_bytes": float(_cost(forward).get("bytes accessed", 0.0))})
   result["fits"] = result["train_memory_gib_per_chip"] <= result["hbm_gib"] and \
       result.get("sampler_memory_gib_per_chip", 0.0) <= result["hbm_gib"]
-  log(f"{topology} ({chips} chips, mesh {result['mesh']}): {result['params'] / 1e6:.1f}M params, batch {batch} x {seq_len}")
+  lora_note = ""
+  if isinstance(abstract_state, experiment.LoraTrainState):
+    adapters = experiment.lora.from_config(config)
+    lora_note = (f" (LoRA rank {adapters.rank}: {result['trained_params'] / 1e6:.1f}M trained, the base frozen in "
+                 f"{adapters.base_dtype})")
+  log(f"{topology} ({chips} chips, mesh {result['mesh']}): {result['params'] / 1e6:.1f}M params{lora_note}, "
+      f"batch {batch} x {seq_len}")
   log(f"  train step: {result['train_memory_gib_per_chip']:.2f} GiB per chip of {result['hbm_gib']:.0f} GiB HBM; "
       f"XLA: {result['xla_flops_per_chip_step'] / 1e12:.3f} TFLOP and "
       f"{result['xla_bytes_per_chip_step'] / 1e9:.2f} GB accessed per chip, est. ({method}) {seconds * 1e3:.1f} ms/step "

@@ -157,8 +157,9 @@ def train_row(model, config, tokenizer, mesh, peak: Peak, steps: int, log=print)
   from diffusion_lm import experiment, sharding  # pylint: disable=g-import-not-at-top
   tx, _ = experiment.make_optimizer(config)
   seq_len, batch = config.data.seq_len, config.training.batch_size
-  _, shardings = experiment.state_shardings(model, tx, mesh, seq_len)
-  state = experiment.init_state(model, tx, mesh, jax.random.key(0), seq_len, shardings)
+  base_dtype = experiment.lora.from_config(config).base_dtype  # LoRA: the step of the adapters, base frozen
+  _, shardings = experiment.state_shardings(model, tx, mesh, seq_len, base_dtype)
+  state = experiment.init_state(model, tx, mesh, jax.random.key(0), seq_len, shardings, base_dtype)
   step = experiment.jit_train_step(config, model, tx, mesh, shardings, tokenizer.mask_id, tokenizer.eos_id)
   tokens = np.random.default_rng(0).integers(0, tokenizer.vocab_size, (batch, seq_len), dtype=np.int32)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
@@ -357,7 +358,7 @@ def _fresh_run(config):
   _, shardings = experiment.state_shardings(model, tx, mesh, config.data.seq_len)
   state = experiment.init_state(model, tx, mesh, jax.random.key(0), config.data.seq_len, shardings)
   return experiment.Trained(config, tokenizer, model, experiment.schedule_from_config(config), mesh,
-                            state.params, shardings.params, 0)
+                            experiment.model_params(state, ema=False), experiment.model_param_shardings(shardings), 0)
 
 
 def compare_to_revision(run, sample_batch: int, log=print) -> list[dict]:

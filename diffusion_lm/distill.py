@@ -39,6 +39,8 @@ def _check_config(config) -> distillation.Rounds:
   if d.teacher_from not in distillation.TEACHER_SOURCES:
     raise UserError(f"distill.teacher_from={d.teacher_from!r}; allowed: {', '.join(distillation.TEACHER_SOURCES)}")
   t = config.training
+  if t.get("lora", {}).get("rank", 0):
+    raise UserError(f"training.lora.rank={t.lora.rank} with distillation; allowed: 0 (the student trains whole)")
   for name in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
     if isinstance(t[name], bool) or not isinstance(t[name], int) or t[name] < 1:
       raise UserError(f"training.{name}={t[name]!r}; allowed: an integer >= 1")

@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from diffusion_lm import autoregressive, chat, checkpointing, data, diffusion, objectives, paths, sharding, tokenizers
+from diffusion_lm import (autoregressive, chat, checkpointing, data, diffusion, lora, objectives, paths, sharding,
+                          tokenizers)
 from diffusion_lm.errors import UserError, check_seed
 from diffusion_lm.model import RUNTIME_FIELDS, ModelConfig, Transformer
 from diffusion_lm.schedules import Schedule
@@ -91,6 +92,7 @@ def check_config(config) -> None:
   # The model's settings now, before any data is prepared or tokenizer trained (the vocabulary is not known
   # yet: a placeholder size that any mask_token_id below it passes; the real one is checked when built).
   model_config(config, max(2, int(config.model.get("mask_token_id", -1)) + 1))
+  lora.from_config(config)  # the LoRA settings, each with its one-line error
 
 
 def ignores_bos(config) -> bool:
@@ -217,7 +219,11 @@ def load_windows(config, workdir: str, tokenizer, split: str):
 def model_config(config, vocab_size: int) -> ModelConfig:
   """The network's shape; the objective sets its attention structure (the autoregressive baseline is the
   same network with causal attention, block diffusion with block-causal attention)."""
-  return ModelConfig(vocab_size=vocab_size, **{**config.model, **objectives.get(config.objective).model_fields(config)})
+  adapters = lora.from_config(config)
+  fields = {"lora_rank": adapters.rank, "lora_alpha": float(adapters.alpha),
+            "lora_targets": adapters.target_names} if adapters.rank else {}
+  return ModelConfig(vocab_size=vocab_size, **{**config.model, **objectives.get(config.objective).model_fields(config)},
+                     **fields)
 
 
 @flax.struct.dataclass
@@ -226,6 +232,26 @@ class TrainState:
   params: Any
   ema_params: Any
   opt_state: Any
+
+
+@flax.struct.dataclass
+class LoraTrainState(TrainState):
+  """LoRA fine-tuning (training.lora.rank > 0): params, ema_params and opt_state hold the adapters only (float32);
+  base holds the frozen network once (training.lora.base_dtype), never updated. model_params gives the tree
+  the network applies."""
+
+  base: Any
+
+
+def model_params(state: TrainState, ema: bool = True):
+  """The parameter tree the network applies: the (EMA) params, with a LoRA state's frozen base put back."""
+  params = state.ema_params if ema else state.params
+  return lora.combine(state.base, params) if isinstance(state, LoraTrainState) else params
+
+
+def model_param_shardings(shardings: TrainState):
+  """Shardings of model_params(state) from those of the state."""
+  return model_params(shardings, ema=False)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -248,25 +274,31 @@ def make_optimizer(config) -> optax.GradientTransformation:
   ), lr
 
 
-def _boxed_state(model, tx, key, seq_len):
+def _boxed_state(model, tx, key, seq_len, base_dtype=jnp.float32):
   tokens = jnp.zeros((1, seq_len), jnp.int32)
   params = model.init(key, tokens, jnp.zeros((1,), jnp.float32))["params"]
+  if model.config.lora_rank:  # only the adapters train: an optimizer state and an EMA of those alone
+    base, adapters = lora.split(params)
+    return LoraTrainState(step=jnp.zeros((), jnp.int32), params=adapters, ema_params=adapters,
+                          opt_state=tx.init(adapters), base=lora.cast(base, base_dtype))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=tx.init(params))
 
 
-def state_shardings(model, tx, mesh, seq_len):
-  """(abstract unboxed state with shardings, NamedSharding tree) for the train state."""
-  abstract_boxed = jax.eval_shape(functools.partial(_boxed_state, model, tx, seq_len=seq_len),
-                                  jax.random.key(0))
+def state_shardings(model, tx, mesh, seq_len, base_dtype: str = "float32"):
+  """(abstract unboxed state with shardings, NamedSharding tree) for the train state; base_dtype: a LoRA
+  state's frozen base (training.lora.base_dtype)."""
+  abstract_boxed = jax.eval_shape(functools.partial(_boxed_state, model, tx, seq_len=seq_len,
+                                                    base_dtype=lora.BASE_DTYPES[base_dtype]), jax.random.key(0))
   shardings = sharding.logical_shardings(abstract_boxed, mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.unbox(abstract_boxed), shardings)
   return abstract, shardings
 
 
-def init_state(model, tx, mesh, key, seq_len, shardings):
-  init = jax.jit(lambda k: nn.unbox(_boxed_state(model, tx, k, seq_len)), out_shardings=shardings)
+def init_state(model, tx, mesh, key, seq_len, shardings, base_dtype: str = "float32"):
+  dtype = lora.BASE_DTYPES[base_dtype]
+  init = jax.jit(lambda k: nn.unbox(_boxed_state(model, tx, k, seq_len, dtype)), out_shardings=shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     return init(key)
 
@@ -274,18 +306,30 @@ def init_state(model, tx, mesh, key, seq_len, shardings):
 def initialize_from(state: TrainState, source_workdir: str, mesh, shardings) -> TrainState:
   """The state with params and EMA params replaced by `source_workdir`'s EMA parameters (fine-tuning a
   trained or converted model; config.init_from), read straight into this mesh's shardings. The parameter
-  trees must agree in names and shapes."""
+  trees must agree in names and shapes. A LoRA state takes them as its frozen base (in its base dtype); its
+  adapters stay as initialised."""
   from diffusion_lm import loading  # pylint: disable=g-import-not-at-top
+  is_lora = isinstance(state, LoraTrainState)
+  target, target_shardings = (state.base, shardings.base) if is_lora else (state.params, shardings.params)
   source_config, _, source_model = loading.open_workdir(source_workdir)
-  source, _ = loading.param_shardings(source_model, mesh, source_config.data.seq_len)
-  want = jax.tree_util.tree_structure(state.params)
+  lora_source = bool(lora.from_config(source_config).rank)
+  if lora_source:  # a LoRA-tuned source: its merged network
+    source = loading.load_trained(source_workdir, mesh_config=None).params
+  else:
+    source, _ = loading.param_shardings(source_model, mesh, source_config.data.seq_len)
+  want = jax.tree_util.tree_structure(target)
   if jax.tree_util.tree_structure(source) != want or any(
-      a.shape != b.shape for a, b in zip(jax.tree.leaves(source), jax.tree.leaves(state.params))):
+      a.shape != b.shape for a, b in zip(jax.tree.leaves(source), jax.tree.leaves(target))):
     raise UserError(f"init_from={source_workdir!r} holds a model of another shape than config.model describes; "
                     "allowed: the source's own model settings (e.g. --config=configs/sft.py:SOURCE)")
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.params,
-                          shardings.params)
-  _, params = loading.restore_params(source_workdir, abstract, use_ema=True)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, target_shardings)
+  if not lora_source:
+    _, params = loading.restore_params(source_workdir, abstract, use_ema=True)
+  else:
+    cast = jax.jit(lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, abstract), out_shardings=target_shardings)
+    params = cast(source)
+  if is_lora:
+    return state.replace(base=params)
   # Separate buffers: the train step donates the state, and one buffer donated twice is invalid.
   return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
 
@@ -335,19 +379,21 @@ def train_step(state: TrainState, tokens_BxL, key, *, model, tx, schedule, mask_
     extra.update(clip=clip, resample=resample)
 
   obj = objectives.get(objective)
+  # LoRA: the loss is a function of the adapters (state.params) alone; the frozen base is a constant of it.
+  full = (lambda p: lora.combine(state.base, p)) if isinstance(state, LoraTrainState) else (lambda p: p)
   scored_B = obj.scored_positions(tokens_BxL)  # None: every position (sft: the response positions)
   rows = None
   if microbatches > 1:
     rows = obj.noise(model, tokens_BxL, step_key, schedule=schedule, mask_id=mask_id, bos_id=bos_id, **extra)
   if rows is None:
     def loss_fn(params):
-      loss_B, masked_B = sequence_loss(params, tokens_BxL, step_key, model=model, schedule=schedule,
+      loss_B, masked_B = sequence_loss(full(params), tokens_BxL, step_key, model=model, schedule=schedule,
                                        mask_id=mask_id, objective=objective, bos_id=bos_id, **extra)
       return per_token_loss(loss_B, scored_B, seq_len, tokens_BxL.shape[0]), masked_B
 
     (loss, masked_B), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   else:
-    loss, masked_B, grads = _microbatched(obj, model, state.params, rows, microbatches, bos_id=bos_id)
+    loss, masked_B, grads = _microbatched(obj, model, state.params, rows, microbatches, bos_id=bos_id, full=full)
   new_state, grad_norm, finite = guarded_update(state, grads, loss, tx=tx, ema_decay=ema_decay)
   metrics = {
       "loss": loss,  # nats per (scored) token (diffusion: negative ELBO estimate; ar: exact)
@@ -377,13 +423,14 @@ def per_token_loss(loss_B, scored_B, seq_len: int, batch: int):
   return jnp.sum(loss_B / jnp.maximum(scored_B, 1.0)) / batch
 
 
-def _microbatched(obj, model, params, rows: dict, microbatches: int, *, bos_id):
+def _microbatched(obj, model, params, rows: dict, microbatches: int, *, bos_id, full=lambda p: p):
   """(loss per token, num_masked_B, gradient) of the whole batch, computed microbatch by microbatch.
 
   The batch's random draws (rows) are made once for all rows, so the loss is the one-piece loss up to
   float summation order. Microbatch m holds rows m, m + n, m + 2n, ... (n microbatches): every device
   keeps an equal share of each one under data parallelism. Each microbatch's forward and backward
-  pass run back to back, its activations small enough to stay in a CPU's caches.
+  pass run back to back, its activations small enough to stay in a CPU's caches. full(params): the tree the
+  network applies (LoRA: the adapters `params` with the frozen base).
   """
   batch, seq_len = rows["tokens"].shape[:2]
   n = microbatches
@@ -393,7 +440,7 @@ def _microbatched(obj, model, params, rows: dict, microbatches: int, *, bos_id):
 
   def body(carry, chunk):
     def loss_fn(p):
-      loss_b, masked_b = obj.row_losses(model, p, chunk, bos_id=bos_id)
+      loss_b, masked_b = obj.row_losses(model, full(p), chunk, bos_id=bos_id)
       return per_token_loss(loss_b, chunk.get("scored"), seq_len, batch), masked_b
 
     (loss, masked_b), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -437,8 +484,8 @@ def guarded_update(state: TrainState, grads, loss, *, tx, ema_decay):
   keep = lambda new, old: jnp.where(finite, new, old)
   params = jax.tree.map(lambda p, u: keep(p + u, p), state.params, updates)
   ema = jax.tree.map(lambda e, p: keep(ema_decay * e + (1.0 - ema_decay) * p, e), state.ema_params, params)
-  new_state = TrainState(step=state.step + 1, params=params, ema_params=ema,
-                         opt_state=jax.tree.map(keep, opt_state, state.opt_state))
+  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                            opt_state=jax.tree.map(keep, opt_state, state.opt_state))
   return new_state, grad_norm, finite
 
 
@@ -582,6 +629,10 @@ def describe_mismatch(saved: dict, config, vocab_size: int) -> str | None:
     a, b = saved.get("tokenizer", {}).get(key), current["tokenizer"].get(key)
     if a != b:
       return f"tokenizer.{key}={a!r} in the checkpoint, {b!r} requested"
+  saved_lora = lora.LoraConfig(**saved.get("training", {}).get("lora", {}))
+  if saved_lora != lora.from_config(config) and (saved_lora.rank or lora.from_config(config).rank):
+    return f"training.lora={dataclasses.asdict(saved_lora)} in the checkpoint, " \
+           f"{dataclasses.asdict(lora.from_config(config))} requested"
   if saved.get("vocab_size") not in (None, vocab_size):
     return f"vocabulary of {saved['vocab_size']} tokens in the checkpoint, {vocab_size} in the workdir's tokenizer"
   return None

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_lm import checkpointing, experiment, paths, sharding, tokenizers
+from diffusion_lm import checkpointing, experiment, lora, paths, sharding, tokenizers
 from diffusion_lm.errors import UserError
 from diffusion_lm.model import Transformer
 from diffusion_lm.schedules import Schedule
@@ -99,9 +99,31 @@ def load_trained(workdir: str, use_ema: bool = True, mesh_config=None, dtype: st
   check_dtype(dtype)
   config, tokenizer, model = open_workdir(workdir)
   mesh = sharding.make_mesh(mesh_config or config.mesh)
+  if lora.from_config(config).rank:
+    return _load_lora(workdir, config, tokenizer, model, mesh, use_ema, dtype)
   abstract, shardings = param_shardings(model, mesh, config.data.seq_len, dtype)
   step, params = restore_params(workdir, abstract, use_ema)
   return Trained(config, tokenizer, model, experiment.schedule_from_config(config), mesh, params, shardings, step)
+
+
+def _load_lora(workdir: str, config, tokenizer, model, mesh, use_ema: bool, dtype) -> Trained:
+  """A LoRA workdir (training.lora.rank > 0) opens as the network it fine-tuned: the base's tree with the
+  (EMA) adapters merged into the kernels, the model and config those without adapters (rank 0), so that
+  sample, evaluate, chat and export need nothing of LoRA. Its state (frozen base, adapters and their small
+  optimizer state) is restored whole."""
+  tx, _ = experiment.make_optimizer(config)
+  adapters = lora.from_config(config)
+  abstract, shardings = experiment.state_shardings(model, tx, mesh, config.data.seq_len, adapters.base_dtype)
+  step, state, _, _ = checkpointing.restore_latest(workdir, abstract)
+  target = PARAM_DTYPES[dtype] if dtype else jnp.float32
+  merge = jax.jit(lambda s: lora.merge(experiment.model_params(s, use_ema), adapters.scale, dtype=target),
+                  out_shardings=shardings.base)
+  with jax.set_mesh(mesh):
+    params = merge(state)
+  config.training.lora.rank = 0
+  model = Transformer(experiment.model_config(config, tokenizer.vocab_size))
+  return Trained(config, tokenizer, model, experiment.schedule_from_config(config), mesh, params, shardings.base,
+                 step)
 
 
 class StoredParams(Mapping):

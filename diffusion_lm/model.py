@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_lm import lora
 from diffusion_lm.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -86,6 +87,11 @@ class ModelConfig:
   tie_embeddings: bool = False  # the output head is the input embedding table transposed (no "head" kernel)
   mask_token_id: int = -1  # a [MASK] inside the vocabulary (LLaDA, Dream): never predicted; -1: [MASK] = vocab_size
   shift_logits: bool = False  # the network's output at i predicts token i + 1 (Dream); logits come out aligned
+  # LoRA (set from config.training.lora by experiment.model_config, never saved in config.model): adapters of
+  # this rank beside the named projections (lora.TARGETS), scaled by alpha / rank; rank 0 = none
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ()
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim", "max_len"):
@@ -136,6 +142,9 @@ class ModelConfig:
     if self.shift_logits and (self.causal or self.block_size):
       raise UserError("model.shift_logits=True with causal or block attention; allowed: shift_logits only for "
                       "bidirectional (masked diffusion) models")
+    if self.lora_rank or self.lora_targets:
+      lora.check_targets(lora.LoraConfig(self.lora_rank, self.lora_alpha, ",".join(self.lora_targets) or "query"),
+                         self.mlp in GATED_MLPS)
     if not self.norm_eps > 0 or not self.rope_scaling_factor >= 1:
       raise UserError(f"model.norm_eps={self.norm_eps}, rope_scaling_factor={self.rope_scaling_factor}; allowed: "
                       "norm_eps > 0 and rope_scaling_factor >= 1")
@@ -350,12 +359,16 @@ class Block(nn.Module):
     else:
       h = make_norm(cfg, "attn_norm")(x_BxLxD) * (1 + scale1) + shift1
     w_qkv, b_qkv = self._qkv_params(dtype)
+    adapters = self._adapters(dtype)
+    if query_at_BxQ is None:  # (the queries at query_at_BxQ get their rows' terms below)
+      b_qkv = self._adapted_biases(adapters, h, h, b_qkv, dtype)
     fuse = cfg.fuse_kernels if cfg.fuse_kernels is not None else _fuse_kernels(x_BxLxD.shape[0] * x_BxLxD.shape[1],
                                                                                cfg.d_model)
     if query_at_BxQ is not None:
       rows = lambda a: jnp.take_along_axis(a, query_at_BxQ[:, :, None], axis=1)
       window = window_mask(cfg, query_at_BxQ, jnp.arange(h.shape[1]))[:, None] if self.local else None
-      attn = self._attention_at(h, rows(h), w_qkv, b_qkv, rope, query_at_BxQ, fuse, window)
+      attn = self._attention_at(h, rows(h), w_qkv, self._adapted_biases(adapters, rows(h), h, b_qkv, dtype), rope,
+                                query_at_BxQ, fuse, window)
       x_BxLxD = rows(x_BxLxD)
     elif decode:
       attn = self._cached_attention(_project_qkv(h, w_qkv, fuse, b_qkv), commit)
@@ -379,7 +392,9 @@ class Block(nn.Module):
       else:
         attn = (einsum_path if cfg.attention_impl == "einsum" else jax_path)(h, *w_qkv, *b_qkv)
     w_out = self.param("out", _dense_init(("heads", "kv", "embed")), (cfg.num_heads, cfg.head_dim, cfg.d_model))
-    attn = jnp.einsum("blhk,hkd->bld", attn, w_out.astype(dtype))
+    heads_BxLxHxD, attn = attn, jnp.einsum("blhk,hkd->bld", attn, w_out.astype(dtype))
+    if "out" in adapters:
+      attn = attn + adapters["out"](heads_BxLxHxD)
     if cfg.linear_bias:
       attn = attn + self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
                                (cfg.d_model,)).astype(dtype)
@@ -395,21 +410,66 @@ class Block(nn.Module):
       # Gate and up projections in one matmul where that is the faster (CPUs, many tokens); XLA:TPU fuses
       # the separate ones into fewer HBM bytes.
       act = GATED_MLPS[cfg.mlp]
-      h = jax.lax.platform_dependent(h, *w_in, cpu=functools.partial(_gated_mlp_in, fuse=fuse, activation=act),
+      terms = [adapters[name](h) if name in adapters else jnp.zeros((), dtype) for name in ("wi_gate", "wi_up")]
+      terms = terms if "wi_gate" in adapters or "wi_up" in adapters else []
+      h = jax.lax.platform_dependent(h, *w_in, *terms,
+                                     cpu=functools.partial(_gated_mlp_in, fuse=fuse, activation=act),
                                      default=functools.partial(_gated_mlp_in, fuse=False, activation=act))
     else:
       h = nn.Dense(cfg.mlp_dim, dtype=dtype, use_bias=cfg.linear_bias, name="wi",
                    kernel_init=_dense_init(("embed", "mlp")),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(h)
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(h) + (
+                       adapters["wi"](h) if "wi" in adapters else 0)
       h = nn.gelu(h, approximate=cfg.mlp == "gelu_tanh")
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = nn.Dense(cfg.d_model, dtype=dtype, use_bias=cfg.linear_bias, name="wo",
                  kernel_init=_dense_init(("mlp", "embed")),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h)
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h) + (
+                     adapters["wo"](h) if "wo" in adapters else 0)
     x_BxLxD = x_BxLxD + h * (1 + gate2)
     if post:
       x_BxLxD = make_norm(cfg, "mlp_norm")(x_BxLxD)
     return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+
+  def _adapters(self, dtype) -> dict:
+    """{target: lora.Adapter} of the projections config.lora_targets names (none without LoRA)."""
+    cfg = self.config
+    if not cfg.lora_rank:
+      return {}
+    # (shape, logical axis names) of each projection's input and output, as its kernel has them
+    embed = ((cfg.d_model,), ("embed",))
+    heads = ((cfg.num_heads, cfg.head_dim), ("heads", "kv"))
+    kv_heads = ((cfg.kv_heads, cfg.head_dim), ("heads", "kv"))
+    hidden = ((cfg.mlp_dim,), ("mlp",))
+    sides = {"query": (embed, heads), "key": (embed, kv_heads), "value": (embed, kv_heads), "out": (heads, embed),
+             "wi_gate": (embed, hidden), "wi_up": (embed, hidden), "wi": (embed, hidden), "wo": (hidden, embed)}
+    scale = cfg.lora_alpha / cfg.lora_rank
+    adapters = {}
+    for target in cfg.lora_targets:
+      (in_shape, in_names), (out_shape, out_names) = sides[target]
+      adapters[target] = lora.Adapter(in_shape, out_shape, in_names, out_names, cfg.lora_rank, scale, dtype,
+                                      name=lora.PREFIX + target)
+    return adapters
+
+  def _adapted_biases(self, adapters: dict, h_q, h_kv, b_qkv, dtype):
+    """[b_q, b_k, b_v] with the query/key/value adapters' low-rank terms added, so that every attention path
+    (they all add the biases after projecting) computes x W + b + scale (x A) B: then per token,
+    [B, Q or L, H, D] (queries from h_q, keys and values from h_kv); as given where no q/k/v adapter exists."""
+    names = ("query", "key", "value")
+    if not any(name in adapters for name in names):
+      return b_qkv
+    cfg = self.config
+    terms = []
+    for i, (name, x) in enumerate(zip(names, (h_q, h_kv, h_kv))):
+      shape = (*x.shape[:2], cfg.num_heads, cfg.head_dim)
+      term = jnp.broadcast_to(b_qkv[i], shape) if b_qkv else jnp.zeros(shape, dtype)
+      if name in adapters:
+        low_rank = adapters[name](x)
+        if name != "query" and cfg.kv_heads != cfg.num_heads:  # grouped-query: each kv head serves its group
+          low_rank = jnp.repeat(low_rank, cfg.num_heads // cfg.kv_heads, axis=-2)
+        term = term + low_rank
+      terms.append(term)
+    return terms
 
   def _qkv_params(self, dtype):
     """([w_q, w_k, w_v] each [D_model, H, D], biases [b_q, b_k, b_v] each [H, D] or none) in `dtype`.
@@ -534,7 +594,8 @@ def _project_qkv(h_BxLxD, kernels, fuse: bool, biases=()):
     qkv = jnp.einsum("bld,dthk->blthk", h_BxLxD, jnp.stack(kernels, axis=1))
   else:
     qkv = jnp.stack([jnp.einsum("bld,dhk->blhk", h_BxLxD, w) for w in kernels], axis=2)
-  return qkv + jnp.stack(biases) if len(biases) else qkv
+  # axis -3: biases [H, D] broadcast over the tokens; per-token ones [B, L, H, D] (LoRA) stack as qkv does
+  return qkv + jnp.stack(biases, axis=-3) if len(biases) else qkv
 
 
 def _attention_einsum(h_BxLxD, w_q, w_k, w_v, *b_qkv, rope, mask_QxK, causal: bool, fuse: bool):
@@ -567,12 +628,15 @@ def _rope_split(x_BxLxHxD, rope):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxLxHxD.dtype)
 
 
-def _gated_mlp_in(h_BxLxD, w_gate, w_up, *, fuse: bool, activation=nn.silu):
-  """activation(h w_gate) * (h w_up): [B, L, M]; fuse: one matmul by the two kernels side by side."""
+def _gated_mlp_in(h_BxLxD, w_gate, w_up, *terms, fuse: bool, activation=nn.silu):
+  """activation(h w_gate) * (h w_up): [B, L, M]; fuse: one matmul by the two kernels side by side.
+  terms: none, or (term_gate, term_up) added to the two products (LoRA's low-rank terms; 0-d zeros where none)."""
   if fuse:
     gate, up = jnp.split(jnp.einsum("bld,dm->blm", h_BxLxD, jnp.concatenate([w_gate, w_up], axis=1)), 2, axis=-1)
   else:
     gate, up = (jnp.einsum("bld,dm->blm", h_BxLxD, w) for w in (w_gate, w_up))
+  if terms:
+    gate, up = gate + terms[0], up + terms[1]
   return activation(gate) * up
 
 

@@ -68,6 +68,10 @@ def _train(config, workdir: str, stop_after, writer_lease) -> dict:
   saved_step, saved_config = checkpointing.read_saved_config(workdir)
   if saved_step is not None and saved_step > config.training.num_steps:  # before any data is prepared
     _check_reached(saved_step, config.training.num_steps, workdir)
+  if saved_step is None and experiment.lora.from_config(config).rank and not config.get("init_from"):
+    raise UserError(f"training.lora.rank={config.training.lora.rank} without init_from; allowed: "
+                    "--config.init_from=WORKDIR (LoRA adapts a trained or converted model, e.g. "
+                    "--config=configs/sft.py:WORKDIR)")
 
   # ------------------------------------------------------------------ mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -92,7 +96,10 @@ def _train(config, workdir: str, stop_after, writer_lease) -> dict:
   model = Transformer(experiment.model_config(config, tokenizer.vocab_size))
   schedule = experiment.schedule_from_config(config)
   tx, lr_schedule = experiment.make_optimizer(config)
-  abstract_state, shardings = experiment.state_shardings(model, tx, mesh, config.data.seq_len)
+  base_dtype = experiment.lora.from_config(config).base_dtype
+  abstract_state, shardings = experiment.state_shardings(model, tx, mesh, config.data.seq_len, base_dtype)
+  # The tree the network applies (LoRA: the frozen base with the adapters) and its shardings.
+  applied = experiment.model_param_shardings(shardings)
   config_dict = {**experiment.config_to_dict(config), "vocab_size": tokenizer.vocab_size}
   if saved_step is not None:
     # The newest checkpoint that restores whole; damaged newer ones are moved aside before the manager
@@ -113,7 +120,7 @@ def _train(config, workdir: str, stop_after, writer_lease) -> dict:
             f"{paths.join(workdir, 'damaged_checkpoints')})" if damaged else ""))
   else:
     state = experiment.init_state(model, tx, mesh, jax.random.key(config.seed), config.data.seq_len,
-                                  shardings)
+                                  shardings, base_dtype)
     if config.get("init_from"):
       state = experiment.initialize_from(state, config.init_from, mesh, shardings)
       _log(f"initialised from {config.init_from} (its EMA parameters; a fresh optimizer)")
@@ -124,25 +131,27 @@ def _train(config, workdir: str, stop_after, writer_lease) -> dict:
   if start_step == t.num_steps and saved_step is not None:
     _log(f"the checkpoint already reaches training.num_steps={t.num_steps}; nothing to train (a larger "
          "--config.training.num_steps trains further)")
-  _log(f"model: {experiment.param_count(state.params):,} parameters, vocab {tokenizer.vocab_size} "
+  trainable = (f" ({experiment.param_count(state.params):,} in LoRA adapters, trained; the base frozen)"
+               if isinstance(state, experiment.LoraTrainState) else "")
+  _log(f"model: {experiment.param_count(experiment.model_params(state)):,} parameters{trainable}, vocab {tokenizer.vocab_size} "
        f"({tokenizer.kind}), mesh {dict(mesh.shape)}, {train_windows.__len__():,} train sequences of "
        f"{config.data.seq_len} tokens")
 
   # ------------------------------------------------------------------ compiled steps
   searcher, clip = None, clip_search.DEFAULT
   if experiment.clip_searched(config):  # block diffusion's clipped schedule: the range of the checkpoint resumed
-    searcher = clip_search.ClipSearch(model, schedule, tokenizer.mask_id, mesh, shardings.params, config,
+    searcher = clip_search.ClipSearch(model, schedule, tokenizer.mask_id, mesh, applied, config,
                                       ignore_bos=experiment.ignores_bos(config))
     if saved_step is not None:
       clip = clip_search.restore(manager, saved_step)
   step_fn = experiment.jit_train_step(config, model, tx, mesh, shardings, tokenizer.mask_id, tokenizer.eos_id,
                                       clip=clip)
-  evaluator = experiment.Evaluator(model, schedule, tokenizer.mask_id, mesh, shardings.params,
+  evaluator = experiment.Evaluator(model, schedule, tokenizer.mask_id, mesh, applied,
                                    config.evaluation, config.objective, tokenizer.eos_id,
                                    ignore_bos=experiment.ignores_bos(config))
   generator = None
   if t.sample_every:
-    generator = Generator(model, schedule, tokenizer, mesh, shardings.params,
+    generator = Generator(model, schedule, tokenizer, mesh, applied,
                           sampler_config(config.sampling))
     samples_template = generator.template(config.data.seq_len, config.sampling.num_samples,
                                           prompt=config.sampling.prompt)
@@ -228,7 +237,7 @@ def _train(config, workdir: str, stop_after, writer_lease) -> dict:
           consume(*pending)
           pending = None
         if periodic_eval or is_last:
-          result = evaluator(state.ema_params, eval_windows)
+          result = evaluator(experiment.model_params(state), eval_windows)
           writer.write_scalars(step_done, {f"eval/{k}": v for k, v in result.items()})
           last.update({f"eval/{k}": v for k, v in result.items()})
           subset = (f" ({result['windows_scored']} of {result['windows_in_split']} windows, seeded subset)"
@@ -236,7 +245,7 @@ def _train(config, workdir: str, stop_after, writer_lease) -> dict:
           _log(f"step {step_done}: validation bits/char {result['bits_per_char']:.4f}, bits/token "
                f"{result['bits_per_token']:.4f}, perplexity <= {result['perplexity']:.2f}{subset}")
         if searcher is not None and periodic_eval and not is_last:
-          found, variances = searcher(state.ema_params, eval_windows)
+          found, variances = searcher(experiment.model_params(state), eval_windows)
           writer.write_scalars(step_done, {"eval/clip_lo": found[0], "eval/clip_hi": found[1],
                                            "eval/clip_variance": variances[found]})
           if found != clip:
@@ -245,7 +254,7 @@ def _train(config, workdir: str, stop_after, writer_lease) -> dict:
             step_fn = experiment.jit_train_step(config, model, tx, mesh, shardings, tokenizer.mask_id,
                                                 tokenizer.eos_id, clip=clip)
         if generator is not None and (periodic_sample or is_last):
-          _write_samples(generator, state.ema_params, samples_template, config, workdir, step_done, writer)
+          _write_samples(generator, experiment.model_params(state), samples_template, config, workdir, step_done, writer)
         if sync:
           save(step_done, force=is_last or preemption.requested)
         if preemption.requested:

@@ -199,3 +199,12 @@ def test_sample_only_cli_refuses_a_zero_batch_in_one_line():
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
   assert "sample_batch='1,0'; allowed: integers >= 1" in out.stderr and "Traceback" not in out.stderr
+def test_lora_sft_compiles_with_a_bfloat16_base(tiny_config):
+  """LoRA (training.lora): the step trains the adapters alone; the frozen base is counted once, in bfloat16."""
+  from diffusion_lm import aot
+  tiny_config.objective, tiny_config.data.source = "sft", "jsonl"
+  tiny_config.training.lora.update(rank=2, base_dtype="bfloat16")
+  result = aot.check(tiny_config, "v5e:2x2", log=lambda m: None)
+  # 2 blocks x (query, key, value, out, wi_gate, wi_up, wo), a and b of rank 2 each (d 32, MLP 64)
+  assert result["trained_params"] == 2 * 2 * (4 * (32 + 32) + 2 * (32 + 64) + (64 + 32))
+  assert result["params"] > result["trained_params"] and result["fits"]
