@@ -3,7 +3,8 @@
   pip install -r requirements-tpu.txt     # brings libtpu (the TPU compiler) from PyPI
   python -m diffusion_lm.aot --config=configs/text8.py --topology=v5e:4x4
   python -m diffusion_lm.aot --config=configs/llada_8b.py --topology=v5e:2x4 --only=sample \
-      --param_dtype=bfloat16 --sample_batch=1,8 --decoders=confidence,llada,llada+prefix
+      --param_dtype=bfloat16 --sample_batch=1,8 --decoders=confidence,llada,llada+prefix \
+      --config.mesh.fsdp=1 --config.mesh.tensor=8
 
 Compiles the train step and the sampler for the named topology without a TPU, then prints per-chip
 memory against the chip's HBM, XLA's flop count and estimated step time, and from them the estimated
