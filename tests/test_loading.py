@@ -99,7 +99,7 @@ def test_full_checkpoint_restores_only_the_parameters_used(trained_workdir, monk
       assert leaf.sharding.is_equivalent_to(where, leaf.ndim)
 
 
-def test_training_a_converted_workdir_starts_a_fresh_optimizer(tmp_path, data_cache):
+def test_training_a_converted_workdir_starts_a_fresh_optimizer(tmp_path, small_corpus):
   """train in the converted workdir itself: step 1's optimizer state counts one update, and its EMA is
   decay x imported + (1 - decay) x trained, so the EMA started from the imported parameters."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
@@ -110,7 +110,7 @@ def test_training_a_converted_workdir_starts_a_fresh_optimizer(tmp_path, data_ca
   config = tiny.get_config()
   config.objective = "ar"
   config.model_from_init, config.init_from = True, workdir  # the converted model and tokenizer
-  config.data.update(cache_dir=data_cache, seq_len=16)
+  config.data.update(source="local", path=small_corpus, seq_len=16, passage_chars=512)  # tokenized in seconds
   config.training.update(num_steps=1, checkpoint_every=1)
   config.optimizer.warmup_steps = 0  # the first step moves the parameters
   with pytest.raises(UserError, match="parameters only"):  # a whole-state reader is told what it holds
