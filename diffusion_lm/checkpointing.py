@@ -319,6 +319,13 @@ def write_params(workdir: str, parts, config_dict: dict) -> None:
     ocp.JsonCheckpointHandler().save(step / item, args=ocp.args.JsonSave(value))
 
 
+def discard_staged_params(workdir: str) -> None:
+  """Removes what write_params staged (an import that failed part way)."""
+  stage = epath.Path(_staging(workdir))
+  if stage.exists():
+    stage.rmtree()
+
+
 def commit_params(workdir: str) -> None:
   """Moves the staged step 0 into the checkpoint folder (one rename: a killed import leaves no step)."""
   stage = epath.Path(_staging(workdir))

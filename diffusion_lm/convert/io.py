@@ -284,8 +284,12 @@ def write_workdir(workdir: str, model_fields: dict, objective: str, tokenizer, p
   config_dict = {**experiment.config_to_dict(config), "vocab_size": tokenizer.vocab_size}
   paths.makedirs(workdir)
   got = {}
-  checkpointing.write_params(workdir, _stored(parts, expected, DTYPES[dtype], got), config_dict)
-  check_shapes(got, expected)  # nothing missing (each part was checked as it came)
+  try:
+    checkpointing.write_params(workdir, _stored(parts, expected, DTYPES[dtype], got), config_dict)
+    check_shapes(got, expected)  # nothing missing (each part was checked as it came)
+  except BaseException:
+    checkpointing.discard_staged_params(workdir)  # a refused import leaves no half-written step behind
+    raise
   checkpointing.commit_params(workdir)
   tokenizers.save_tokenizer(tokenizer, experiment.tokenizer_dir(workdir))
   paths.write_bytes(paths.join(workdir, "config.json"), json.dumps(config_dict, indent=2).encode())
