@@ -81,3 +81,18 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "slow" in item.keywords:
       item.add_marker(skip)
+
+
+def import_llada_instruct(root, template: str, max_len: int) -> str:
+  """The tiny LLaDA fixture (tests/fixtures/hf/llada) given `template` as its chat template, imported into
+  ROOT/base; returns the workdir."""
+  import json
+  import pathlib
+  import shutil
+  from diffusion_lm import convert
+  folder = pathlib.Path(root) / "llada_instruct"
+  shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf", "llada"), folder)
+  (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+  workdir = str(pathlib.Path(root) / "base")
+  convert.import_hf(str(folder), workdir, max_len=max_len)
+  return workdir

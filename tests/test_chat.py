@@ -3,18 +3,17 @@ export, answers cut at the end-of-turn token, `run.chat` and `python -m diffusio
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import import_llada_instruct
 
 import diffusion_lm
 from diffusion_lm import chat, convert, experiment
 from diffusion_lm.errors import UserError
 
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf", "llada")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # trim_blocks drops the newline after a block tag and lstrip_blocks the spaces before one, as transformers
 # renders templates; the expected strings below are written out by hand.
@@ -27,13 +26,7 @@ TEMPLATE = ("{% for m in messages %}\n"
 
 @pytest.fixture(scope="module")
 def instruct(tmp_path_factory):
-  root = tmp_path_factory.mktemp("chat")
-  folder = root / "llada_instruct"
-  shutil.copytree(FIXTURE, folder)
-  (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
-  workdir = str(root / "w")
-  convert.import_hf(str(folder), workdir, max_len=256)
-  return workdir
+  return import_llada_instruct(tmp_path_factory.mktemp("chat"), TEMPLATE, max_len=256)
 
 
 def test_template_renders_as_transformers_does(instruct):

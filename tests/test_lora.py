@@ -5,7 +5,6 @@ imports back identically."""
 import dataclasses
 import json
 import os
-import shutil
 
 import flax.linen as nn
 import jax
@@ -13,12 +12,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import import_llada_instruct
 
 from diffusion_lm import chat, convert, experiment, lora, sharding
 from diffusion_lm.errors import UserError
 from diffusion_lm.model import ModelConfig, Transformer
 
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf", "llada")
 TEMPLATE = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{{ eos_token }}{% endfor %}" \
            "{% if add_generation_prompt %}[assistant]{% endif %}"
 # LLaMA-like with grouped-query attention and q/k/v biases (Qwen2), and GPT-2-like (GELU MLP wi/wo with biases,
@@ -163,13 +162,7 @@ def test_lora_without_init_from_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def instruct(tmp_path_factory):
   """The tiny LLaDA fixture with a chat template, imported."""
-  root = tmp_path_factory.mktemp("lora")
-  folder = root / "llada_instruct"
-  shutil.copytree(FIXTURE, folder)
-  (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
-  workdir = str(root / "base")
-  convert.import_hf(str(folder), workdir, max_len=32)
-  return workdir
+  return import_llada_instruct(tmp_path_factory.mktemp("lora"), TEMPLATE, max_len=32)
 
 
 def test_lora_tune_an_imported_llada_chat_export_merged_and_import_back(instruct, tmp_path):
