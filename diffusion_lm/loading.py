@@ -129,11 +129,21 @@ def _load_lora(workdir: str, config, tokenizer, model, mesh, use_ema: bool, dtyp
 class StoredParams(Mapping):
   """A workdir's (EMA) parameters by top-level name (embed, block_0, ...), each part read from the newest
   checkpoint onto the host (numpy, float32) when asked for; only the last part asked for is kept, so a
-  reader that goes part by part (export) never holds the whole tree."""
+  reader that goes part by part (export) never holds the whole tree.
+
+  A LoRA workdir reads as the network it fine-tuned (config, model and tree without adapters): each part
+  is its frozen base part with that part's (EMA) adapters merged into the kernels (lora.merge), so an
+  exported LoRA fine-tune of a large model needs no more host memory than any other export."""
 
   def __init__(self, workdir: str, use_ema: bool = True):
     self.config, self.tokenizer, self.model = open_workdir(workdir)
+    self._adapters = lora.from_config(self.config)
     self._abstract = nn.unbox(abstract_params(self.model, self.config.data.seq_len))
+    self._adapter_abstract = {}
+    if self._adapters.rank:
+      self._abstract, self._adapter_abstract = lora.split(self._abstract)
+      self.config.training.lora.rank = 0
+      self.model = Transformer(experiment.model_config(self.config, self.tokenizer.vocab_size))
     self._use_ema = use_ema
     self._manager = checkpointing.make_manager(workdir, read_only=True)
     first = next(iter(self._abstract))
@@ -141,7 +151,14 @@ class StoredParams(Mapping):
     self._last = (first, part)
 
   def _restore(self, step: int, name: str):
-    return checkpointing.restore_params(self._manager, step, {name: self._abstract[name]}, self._use_ema)[name]
+    if not self._adapters.rank:
+      return checkpointing.restore_params(self._manager, step, {name: self._abstract[name]}, self._use_ema)[name]
+    base = checkpointing.restore_params(self._manager, step, {name: self._abstract[name]}, key="base")[name]
+    if name not in self._adapter_abstract:
+      return base
+    adapters = checkpointing.restore_params(self._manager, step, {name: self._adapter_abstract[name]},
+                                            self._use_ema)[name]
+    return jax.device_get(lora.merge_part(base, adapters, self._adapters.scale))
 
   def __getitem__(self, name: str):
     if self._last[0] != name:

@@ -132,14 +132,16 @@ def merge(params, scale: float, dtype=jnp.float32) -> dict:
   stored as `dtype`. Kernels are found next to their adapter: lora_<target> beside <target> (a bare
   kernel: query, key, value, out) or <target>/kernel (wi_gate, wi_up, wi, wo)."""
   base, adapters = split(params)
-  return _merge_into(base, adapters, scale, dtype)
+  return merge_part(base, adapters, scale, dtype)
 
 
-def _merge_into(base, adapters, scale, dtype):
+def merge_part(base, adapters, scale: float, dtype=jnp.float32) -> dict:
+  """merge given a tree (or one part of it) apart, as split gives it: base subtree and adapter subtree
+  (export merges a large model part by part this way)."""
   out = {}
   for name, value in base.items():
     if isinstance(value, Mapping):
-      out[name] = _merge_into(value, adapters.get(name, {}), scale, dtype)
+      out[name] = merge_part(value, adapters.get(name, {}), scale, dtype)
     else:
       out[name] = jnp.asarray(value, dtype)
   for name, adapter in adapters.items():

@@ -29,7 +29,6 @@ the parameters).
 """
 
 from absl import flags
-import jax
 
 from diffusion_lm import experiment, generation_config, loading
 from diffusion_lm.convert import bert, dream, gpt2, io, llada, llama, modernbert, qwen2, roberta
@@ -116,7 +115,7 @@ def export_family(cfg: ModelConfig):
 def export_hf(workdir: str, folder: str, use_ema: bool = True) -> list[str]:
   """Writes the workdir's model as a Hugging Face folder; returns the files written. The parameters are
   read one top-level part (a block, a table) at a time and each tensor is written as it is made."""
-  params = _LoraMerged(workdir, use_ema) if _is_lora(workdir) else loading.StoredParams(workdir, use_ema=use_ema)
+  params = loading.StoredParams(workdir, use_ema=use_ema)  # a LoRA workdir: merged part by part
   try:
     config, cfg, tokenizer = params.config, params.model.config, params.tokenizer
     family = export_family(cfg)
@@ -128,24 +127,6 @@ def export_hf(workdir: str, folder: str, use_ema: bool = True) -> list[str]:
                            sampling=config.sampling, chat_template=io.read_workdir_template(workdir))
   finally:
     params.close()
-
-
-def _is_lora(workdir: str) -> bool:
-  from diffusion_lm import lora  # pylint: disable=g-import-not-at-top
-  return bool(lora.from_config(loading.open_workdir(workdir)[0]).rank)
-
-
-class _LoraMerged(dict):
-  """A LoRA workdir's merged parameters on the host by top-level name (loading.load_trained merges the
-  adapters into the kernels), with the config, model and tokenizer of the network it fine-tuned."""
-
-  def __init__(self, workdir: str, use_ema: bool):
-    trained = loading.load_trained(workdir, use_ema=use_ema)
-    super().__init__(jax.device_get(trained.params))
-    self.config, self.model, self.tokenizer = trained.config, trained.model, trained.tokenizer
-
-  def close(self) -> None:
-    self.clear()
 
 
 # ----------------------------------------------------------------------------- command line
