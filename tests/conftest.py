@@ -96,3 +96,14 @@ def import_llada_instruct(root, template: str, max_len: int) -> str:
   workdir = str(pathlib.Path(root) / "base")
   convert.import_hf(str(folder), workdir, max_len=max_len)
   return workdir
+
+
+def write_word_pairs(path) -> str:
+  """A JSON-lines file of SFT pairs (two words -> the next word of a fixed sentence, 68 rows); returns its path."""
+  import json
+  words = "the quick brown fox jumps over the lazy dog and a tiny model reads a tiny story".split()
+  pairs = [{"prompt": " ".join(words[i:i + 2]), "response": " " + words[(i + 2) % len(words)]}
+           for i in range(len(words))] * 4
+  with open(path, "w") as f:
+    f.write("\n".join(json.dumps(p) for p in pairs) + "\n")
+  return str(path)

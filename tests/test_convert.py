@@ -16,6 +16,7 @@ import pytest
 from diffusion_lm import convert, experiment, sampling
 from diffusion_lm.errors import UserError
 from diffusion_lm.model import MASK_LOGIT, ModelConfig, Transformer
+from conftest import write_word_pairs
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf")
 FAMILIES = ("llama", "qwen2", "gpt2", "llada", "dream")
@@ -180,11 +181,7 @@ def test_fine_tune_a_converted_checkpoint_and_export_it(imported, tmp_path):
   from configs import sft  # pylint: disable=g-import-not-at-top
   from diffusion_lm import train  # pylint: disable=g-import-not-at-top
   source_dir, source = imported["llada"]
-  words = "the quick brown fox jumps over the lazy dog and a tiny model reads a tiny story".split()
-  pairs = [{"prompt": " ".join(words[i:i + 2]), "response": " " + words[(i + 2) % len(words)]}
-           for i in range(len(words))] * 4
-  path = tmp_path / "pairs.jsonl"
-  path.write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+  path = write_word_pairs(tmp_path / "pairs.jsonl")
   config = sft.get_config(source_dir)
   config.data.update(path=str(path), validation_percent=30.0)
   config.optimizer.update(learning_rate=1e-7, warmup_steps=0)  # barely moves: the start must be the source

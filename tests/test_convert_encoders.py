@@ -18,6 +18,7 @@ from diffusion_lm import convert, experiment
 from diffusion_lm.errors import UserError
 from diffusion_lm.generation import Generator, sampler_config
 from diffusion_lm.model import MASK_LOGIT, Transformer
+from conftest import write_word_pairs
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf")
 ENCODERS = ("bert", "roberta", "modernbert")
@@ -232,11 +233,7 @@ def test_encoder_diffusion_then_sft_then_export(imported, tmp_path):
   assert tuned.tokenizer.mask_id == MASK_ID
   _moved_slightly(tuned, source)
 
-  words = "the quick brown fox jumps over the lazy dog and a tiny model reads a tiny story".split()
-  pairs = [{"prompt": " ".join(words[i:i + 2]), "response": " " + words[(i + 2) % len(words)]}
-           for i in range(len(words))] * 4
-  path = tmp_path / "pairs.jsonl"
-  path.write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+  path = write_word_pairs(tmp_path / "pairs.jsonl")
   config = encoder_sft.get_config(str(tmp_path / "diffusion"))
   config.data.update(path=str(path), validation_percent=30.0, seq_len=24)
   chat = _train_tiny(config, str(tmp_path / "sft"))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import import_llada_instruct
+from conftest import import_llada_instruct, write_word_pairs
 
 from diffusion_lm import chat, convert, experiment, lora, sharding
 from diffusion_lm.errors import UserError
@@ -171,11 +171,7 @@ def test_lora_tune_an_imported_llada_chat_export_merged_and_import_back(instruct
   gives exactly those parameters."""
   from configs import sft  # pylint: disable=g-import-not-at-top
   from diffusion_lm import train  # pylint: disable=g-import-not-at-top
-  words = "the quick brown fox jumps over the lazy dog and a tiny model reads a tiny story".split()
-  pairs = [{"prompt": " ".join(words[i:i + 2]), "response": " " + words[(i + 2) % len(words)]}
-           for i in range(len(words))] * 4
-  path = tmp_path / "pairs.jsonl"
-  path.write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+  path = write_word_pairs(tmp_path / "pairs.jsonl")
   config = sft.get_config(instruct)
   config.data.update(path=str(path), validation_percent=30.0)
   config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
