@@ -1,4 +1,4 @@
-"""CPU demo: a small masked diffusion LM on the bundled Shakespeare corpus, in about 8 minutes.
+"""CPU demo: a small masked diffusion LM on the bundled Shakespeare corpus, in about 15 minutes on 2 CPU cores.
 
   pip install -r requirements.txt
   python -m diffusion_lm.train --config=configs/demo.py --workdir=runs/demo
