@@ -120,10 +120,16 @@ def _load_lora(workdir: str, config, tokenizer, model, mesh, use_ema: bool, dtyp
                   out_shardings=shardings.base)
   with jax.set_mesh(mesh):
     params = merge(state)
-  config.training.lora.rank = 0
-  model = Transformer(experiment.model_config(config, tokenizer.vocab_size))
+  model = _without_adapters(config, tokenizer)
   return Trained(config, tokenizer, model, experiment.schedule_from_config(config), mesh, params, shardings.base,
                  step)
+
+
+def _without_adapters(config, tokenizer) -> Transformer:
+  """The network a LoRA workdir fine-tuned (config.training.lora.rank set to 0 in place): what its merged
+  parameters apply to."""
+  config.training.lora.rank = 0
+  return Transformer(experiment.model_config(config, tokenizer.vocab_size))
 
 
 class StoredParams(Mapping):
@@ -142,8 +148,7 @@ class StoredParams(Mapping):
     self._adapter_abstract = {}
     if self._adapters.rank:
       self._abstract, self._adapter_abstract = lora.split(self._abstract)
-      self.config.training.lora.rank = 0
-      self.model = Transformer(experiment.model_config(self.config, self.tokenizer.vocab_size))
+      self.model = _without_adapters(self.config, self.tokenizer)
     self._use_ema = use_ema
     self._manager = checkpointing.make_manager(workdir, read_only=True)
     first = next(iter(self._abstract))
