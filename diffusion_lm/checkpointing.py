@@ -105,7 +105,8 @@ def params_only(manager, step: int) -> bool:
 RESTORE_GROUP_BYTES = 256 << 20  # parameter bytes (whole arrays) per orbax restore call
 
 
-def restore_params(manager, step: int, abstract_params, use_ema: bool = True, key: str | None = None):
+def restore_params(manager, step: int, abstract_params, use_ema: bool = True, key: str | None = None,
+                   check_config: bool = True):
   """Restores one parameter tree of a step, its EMA parameters (or raw, use_ema=False; a parameters-only
   step has one tree for both) and nothing else of the state, into `abstract_params`' shardings and
   dtypes (each process reads the shards of its own devices; leaves without a sharding come to the host
@@ -113,10 +114,12 @@ def restore_params(manager, step: int, abstract_params, use_ema: bool = True, ke
 
   The parts are restored in groups of about RESTORE_GROUP_BYTES, one orbax call each: a call reads its
   arrays concurrently, so the group bounds the read buffers in flight beside the shards kept. The config
-  is read as well, so a step whose config is damaged does not pass for intact. `key` names another tree
-  of the state to read instead (a LoRA state's frozen "base")."""
+  is read as well (check_config), so a step whose config is damaged does not pass for intact; a reader
+  that goes part by part checks it with its first part only. `key` names another tree of the state to
+  read instead (a LoRA state's frozen "base")."""
   key = key or ("ema_params" if use_ema and not params_only(manager, step) else "params")
-  manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  if check_config:
+    manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   restored = {}
   for group in _groups(abstract_params):
     wanted = {key: group}

@@ -152,17 +152,22 @@ class StoredParams(Mapping):
     self._use_ema = use_ema
     self._manager = checkpointing.make_manager(workdir, read_only=True)
     first = next(iter(self._abstract))
-    self.step, part, _ = checkpointing.restore_newest(self._manager, lambda s: self._restore(s, first), workdir)
+    self.step, part, _ = checkpointing.restore_newest(
+        self._manager, lambda s: self._restore(s, first, check_config=True), workdir)
     self._last = (first, part)
 
-  def _restore(self, step: int, name: str):
+  def _restore(self, step: int, name: str, check_config: bool = False):
+    """One part; `check_config` reads the step's config too (the first part read, so a damaged step is
+    passed over by restore_newest), not again for every part after it."""
     if not self._adapters.rank:
-      return checkpointing.restore_params(self._manager, step, {name: self._abstract[name]}, self._use_ema)[name]
-    base = checkpointing.restore_params(self._manager, step, {name: self._abstract[name]}, key="base")[name]
+      return checkpointing.restore_params(self._manager, step, {name: self._abstract[name]}, self._use_ema,
+                                          check_config=check_config)[name]
+    base = checkpointing.restore_params(self._manager, step, {name: self._abstract[name]}, key="base",
+                                        check_config=check_config)[name]
     if name not in self._adapter_abstract:
       return base
     adapters = checkpointing.restore_params(self._manager, step, {name: self._adapter_abstract[name]},
-                                            self._use_ema)[name]
+                                            self._use_ema, check_config=False)[name]
     return jax.device_get(lora.merge_part(base, adapters, self._adapters.scale))
 
   def __getitem__(self, name: str):

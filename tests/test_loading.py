@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -97,6 +98,34 @@ def test_full_checkpoint_restores_only_the_parameters_used(trained_workdir, monk
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
     for leaf, where in zip(jax.tree.leaves(got), jax.tree.leaves(ema.param_shardings)):
       assert leaf.sharding.is_equivalent_to(where, leaf.ndim)
+
+
+def test_part_by_part_reading_checks_the_config_once_and_passes_over_a_damaged_one(trained_workdir, tmp_path,
+                                                                                   monkeypatch):
+  """StoredParams (export) reads the step's config with its first part only; a damaged config there makes
+  it fall back to the previous step, as any loader does."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_workdir, workdir)
+  with open(os.path.join(workdir, "checkpoints", "6", "config", "metadata"), "w") as f:
+    f.write("{damaged")
+  config_reads = []
+  real = ocp.args.JsonRestore
+  monkeypatch.setattr(checkpointing.ocp.args, "JsonRestore", lambda *a, **k: config_reads.append(1) or real(*a, **k))
+  stored = loading.StoredParams(workdir)
+  try:
+    assert stored.step == 4
+    reads_at_open = len(config_reads)
+    parts = {name: stored[name] for name in stored}
+  finally:
+    stored.close()
+  assert len(config_reads) == reads_at_open and len(parts) > 2  # no config read per part
+  monkeypatch.undo()
+  reference = str(tmp_path / "reference")  # the same run without step 6: step 4 is its newest
+  shutil.copytree(trained_workdir, reference)
+  shutil.rmtree(os.path.join(reference, "checkpoints", "6"))
+  whole = loading.load_trained(reference)
+  assert whole.step == 4
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), parts, whole.params)
 
 
 def test_training_a_converted_workdir_starts_a_fresh_optimizer(tmp_path, small_corpus):
