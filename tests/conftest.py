@@ -6,7 +6,9 @@ import shutil
 import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+_OTHER_XLA_FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                    if not f.startswith("--xla_force_host_platform_device_count")]  # once, in xdist workers too
+os.environ["XLA_FLAGS"] = " ".join(_OTHER_XLA_FLAGS + ["--xla_force_host_platform_device_count=8"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session, its subprocesses and xdist workers (they inherit the
 # environment): the many tiny trainings compile the same programs again (each builds its own jit), and a
