@@ -728,7 +728,8 @@ def read_sft_records(path: str, render=None) -> list[tuple[str, str, str]]:
   (chat.render bound to the workdir's template and tokenizer), and gives one pair per assistant turn, as
   the LLaDA paper describes its SFT of a multi-turn dialogue (its code is not published): the prompt is the
   rendered history up to that turn with the generation prompt, the response the rest of the rendering of
-  that turn (its end-of-turn token included). The split key is the whole conversation, so its turns land in one split together."""
+  that turn (its end-of-turn token included). The split key is the whole conversation, so its turns land
+  in one split together."""
   if not paths.isfile(path):
     raise UserError(f"data.path={path!r}: no such file; allowed: a JSONL file of {{\"prompt\": ..., "
                     "\"response\": ...}} or {\"messages\": [...]} lines (data.source='jsonl')")

@@ -12,7 +12,8 @@ os.environ["XLA_FLAGS"] = " ".join(_OTHER_XLA_FLAGS + ["--xla_force_host_platfor
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session, its subprocesses and xdist workers (they inherit the
 # environment): the many tiny trainings compile the same programs again (each builds its own jit), and a
-# cache hit takes a fraction of a compile. A fresh folder per session, so no test sees another run's cache.
+# cache hit takes a fraction of a compile. A fresh folder per session (unless JAX_COMPILATION_CACHE_DIR is
+# already set), so no test sees another run's cache.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="diffusion_lm_tests_jax_cache_")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
